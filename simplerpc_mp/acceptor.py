@@ -1,0 +1,534 @@
+"""The acceptor: listening sockets, client connections, framing, answer order and routing.
+
+Runs in the main server process, inside the loop of ``server.Server``. It never parses JSON:
+per RPC it only finds line ends, so its cost per RPC stays a few microseconds.
+
+Theory of operation:
+
+1. Each read is cut into complete lines by a ``FrameDecoder``. The lines of one read that go to
+   serial ops form one *job* (``Job``), which keeps the client's bytes as they are; a line of a
+   concurrent op is a job of its own, so several workers can run them at once.
+2. Every RPC of a connection has a sequence number (``seq``) in arrival order. A job covers the
+   seqs ``first .. first+count-1``. Answers come back from workers keyed by seq and are written
+   only in seq order (``write_seq``), so a client sees them in the order it sent the RPCs.
+3. A connection's jobs wait in ``conn.queue`` until they may run: a serial job when nothing else
+   of the connection runs, a concurrent job when no serial one does. Runnable jobs move to
+   ``ready``, from which the pool hands batches to workers.
+4. Every accepted RPC gets exactly one answer: from a worker, or from here (``FrameTooLarge``),
+   or from the supervisor (``WorkerCrashed``, ``Timeout``, ``ShuttingDown``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import selectors
+import socket
+from collections import deque
+
+from . import ipc
+from .errors import FrameTooLarge, ShuttingDown, TooManyConnections
+from .handlers import BROADCAST
+from .protocol import FrameDecoder, encode_fail, split_lines
+
+log = logging.getLogger("simplerpc_mp.acceptor")
+
+__all__ = ["Acceptor", "Connection", "Job", "Listener"]
+
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+# One recv per readiness event; 256 KiB drains a busy pipelining client in one call.
+RECV_BYTES = 256 * 1024
+# Errors that mean "out of descriptors or kernel memory" on accept(): pause, don't spin.
+_ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_PAUSE_S = 0.5
+
+OPEN, EOF, CLOSED = range(3)
+
+_FRAME_TOO_LARGE = FrameTooLarge.__name__
+_SHUTTING_DOWN = ShuttingDown.__name__
+
+
+class Listener:
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+
+class Job:
+    """Lines of one connection that run together on one worker, and what became of them."""
+
+    __slots__ = ("job_id", "conn", "kind", "first", "count", "payload", "answered", "worker")
+
+    def __init__(self, conn: "Connection", kind: int, first: int, count: int, payload: bytes):
+        self.job_id = 0  # set when dispatched
+        self.conn = conn
+        self.kind = kind
+        self.first = first  # seq of the first line
+        self.count = count  # lines (0 for connect/disconnect hooks)
+        self.payload = payload
+        self.answered = 0  # lines whose answers have come back
+        self.worker = None
+
+    def line(self, index: int) -> bytes:
+        return split_lines(self.payload)[index]
+
+    def op_of(self, index: int) -> str:
+        if self.kind == ipc.CONNECT:
+            return "<on_connect>"
+        if self.kind == ipc.DISCONNECT:
+            return "<on_disconnect>"
+        return self.line(index).partition(b"{")[0].decode("utf-8", "replace")[:100]
+
+
+class Connection:
+    """Acceptor-side state of one client connection; the selector key's ``data``."""
+
+    __slots__ = (
+        "net_id", "sock", "peer", "decoder", "queue", "running", "serial_running",
+        "next_seq", "write_seq", "done", "session", "wbuf", "state", "events",
+        "last_read", "soft_since", "disconnect_queued",
+    )
+
+    def __init__(self, net_id: int, sock: socket.socket, peer, max_frame_bytes: int, now: float):
+        self.net_id = net_id
+        self.sock = sock
+        self.peer = peer
+        self.decoder = FrameDecoder(max_frame_bytes)
+        self.queue: deque[Job] = deque()  # jobs that may not run yet, in seq order
+        self.running = 0  # jobs ready or on a worker
+        self.serial_running = False
+        self.next_seq = 0  # seq of the next RPC to arrive
+        self.write_seq = 0  # seq of the next answer to write
+        self.done: dict[int, tuple[bytes, int]] = {}  # answers that arrived ahead of their turn
+        self.session = None  # pickled dict, None when empty; only workers unpickle it
+        self.wbuf = bytearray()
+        self.state = OPEN
+        self.events = READ
+        self.last_read = now
+        self.soft_since = 0.0  # when wbuf went over output_soft_limit, 0 when under
+        self.disconnect_queued = False
+
+    @property
+    def unanswered(self) -> int:
+        return self.next_seq - self.write_seq
+
+
+class Acceptor:
+    def __init__(self, settings, selector: selectors.BaseSelector, timers):
+        self.settings = settings
+        self.selector = selector
+        self.timers = timers
+        self.listeners: list[Listener] = []
+        self.conns: dict[int, Connection] = {}  # open connections by net_id, the push routing table
+        self.ready: deque[Job] = deque()  # jobs that may run now, waiting for a worker
+        self.dirty: list[Connection] = []  # connections with output to send this loop iteration
+        self.next_net_id = 1
+        self.now = 0.0
+        self.accepting = False
+        self.reading = True
+        self.accept_paused = False
+        self.concurrent_ops: frozenset[bytes] = frozenset()
+        self.has_connect = False
+        self.has_disconnect = False
+        self.pushes_dropped = 0
+        self.max_inflight = settings.max_inflight
+        self.hard_limit = settings.output_hard_limit
+        self.soft_limit = settings.output_soft_limit
+        self._idle_timer = None
+
+    # -- what the workers told us about the handlers ---------------------------------------
+
+    def set_handler_info(self, info: dict) -> None:
+        self.concurrent_ops = frozenset(op.encode("utf-8") for op in info["concurrent"])
+        self.has_connect = info["connect"]
+        self.has_disconnect = info["disconnect"]
+
+    # -- listening --------------------------------------------------------------------------
+
+    def listen(self, host: str, port: int, backlog: int = 1024) -> tuple:
+        sock = socket.create_server((host, port), family=_family(host), backlog=backlog, reuse_port=False)
+        sock.setblocking(False)
+        self.listeners.append(Listener(sock))
+        return sock.getsockname()[:2]
+
+    def start_accepting(self) -> None:
+        if self.accepting:
+            return
+        self.accepting = True
+        for listener in self.listeners:
+            self.selector.register(listener.sock, READ, listener)
+        if self.settings.idle_timeout > 0:
+            self._schedule_idle_sweep()
+
+    def stop_accepting(self, close: bool = False) -> None:
+        if self.accepting and not self.accept_paused:
+            for listener in self.listeners:
+                self.selector.unregister(listener.sock)
+        self.accepting = False
+        if close:
+            for listener in self.listeners:
+                listener.sock.close()
+            self.listeners.clear()
+
+    def on_accept(self, listener: Listener) -> None:
+        for _ in range(64):  # bounded, so one busy listener can't starve the rest of the loop
+            try:
+                sock, peer = listener.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                    self._pause_accepting(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # the client gave up while in the backlog
+                raise
+            if len(self.conns) >= self.settings.max_connections:
+                self._refuse(sock, peer)
+                continue
+            self.add_connection(sock, peer)
+
+    def _refuse(self, sock: socket.socket, peer) -> None:
+        log.warning("refused connection from %s: max_connections (%d) reached", peer, self.settings.max_connections)
+        try:
+            sock.setblocking(False)
+            sock.send(encode_fail(TooManyConnections.__name__, f"server holds max_connections={self.settings.max_connections}"))
+        except OSError:
+            pass
+        sock.close()
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        log.error("accept failed (%s); pausing accepting for %.1fs", exc.strerror, ACCEPT_PAUSE_S)
+        for listener in self.listeners:
+            self.selector.unregister(listener.sock)
+        self.accept_paused = True
+        self.timers.call_later(ACCEPT_PAUSE_S, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self.accept_paused = False
+        if self.accepting:
+            for listener in self.listeners:
+                self.selector.register(listener.sock, READ, listener)
+            log.info("accepting connections again")
+
+    def add_connection(self, sock: socket.socket, peer) -> Connection:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        net_id = self.next_net_id
+        self.next_net_id += 1
+        conn = Connection(net_id, sock, peer, self.settings.max_frame_bytes, self.now)
+        self.conns[net_id] = conn
+        self.selector.register(sock, READ, conn)
+        log.debug("net_id %s connected from %s", net_id, peer)
+        if self.has_connect:
+            conn.queue.append(Job(conn, ipc.CONNECT, 0, 0, b""))
+            self.advance(conn)
+        return conn
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def on_read(self, conn: Connection) -> None:
+        if conn.state != OPEN:
+            return
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close(conn, f"read failed: {exc.strerror or exc}")
+            return
+        if not data:
+            self.on_eof(conn)
+            return
+        conn.last_read = self.now
+        for chunk in conn.decoder.feed(data):
+            if chunk is None:
+                log.info("net_id %s: frame longer than max_frame_bytes (%d) discarded", conn.net_id, conn.decoder.max_frame_bytes)
+                seq = conn.next_seq
+                conn.next_seq += 1
+                self.complete(conn, seq, _frame_too_large(conn.decoder.max_frame_bytes), 1)
+            elif self.concurrent_ops:
+                self._enqueue_mixed(conn, chunk)
+            else:
+                self._enqueue(conn, ipc.SERIAL, chunk, chunk.count(b"\n"))
+        self.advance(conn)
+        if conn.state == OPEN and conn.unanswered >= self.max_inflight:
+            self._set_events(conn, conn.events & ~READ)  # TCP back-pressure until answers drain
+
+    def _enqueue(self, conn: Connection, kind: int, payload: bytes, count: int) -> None:
+        queue = conn.queue
+        if kind == ipc.SERIAL and queue and queue[-1].kind == ipc.SERIAL:
+            tail = queue[-1]  # still waiting: grow it, so a backlog goes to a worker in one piece
+            tail.payload += payload
+            tail.count += count
+        else:
+            queue.append(Job(conn, kind, conn.next_seq, count, payload))
+        conn.next_seq += count
+
+    def _enqueue_mixed(self, conn: Connection, chunk: bytes) -> None:
+        concurrent_ops = self.concurrent_ops
+        serial: list[bytes] = []
+        for line in split_lines(chunk):
+            if line.partition(b"{")[0] in concurrent_ops:
+                if serial:
+                    self._enqueue(conn, ipc.SERIAL, b"".join(serial), len(serial))
+                    serial = []
+                self._enqueue(conn, ipc.CONCURRENT, line + b"\n", 1)
+            else:
+                serial.append(line + b"\n")
+        if serial:
+            self._enqueue(conn, ipc.SERIAL, b"".join(serial), len(serial))
+
+    def on_eof(self, conn: Connection) -> None:
+        """The client shut down its sending side: answer what it sent, then close."""
+        conn.state = EOF
+        self._set_events(conn, conn.events & ~READ)
+        self._close_if_finished(conn)
+
+    # -- the order RPCs run in -----------------------------------------------------------------
+
+    def advance(self, conn: Connection) -> None:
+        """Move the connection's jobs that may run now to ``ready``."""
+        queue = conn.queue
+        while queue:
+            job = queue[0]
+            if job.kind == ipc.CONCURRENT:
+                if conn.serial_running:
+                    break
+            elif conn.running:
+                break
+            else:
+                conn.serial_running = True
+            queue.popleft()
+            conn.running += 1
+            self.ready.append(job)
+        if conn.state == CLOSED and not queue and not conn.running and self.has_disconnect and not conn.disconnect_queued:
+            conn.disconnect_queued = True
+            conn.serial_running = True
+            conn.running += 1
+            self.ready.append(Job(conn, ipc.DISCONNECT, conn.next_seq, 0, b""))
+
+    def job_done(self, job: Job) -> None:
+        """A job's last answer has arrived (or been given for it)."""
+        conn = job.conn
+        conn.running -= 1
+        if job.kind != ipc.CONCURRENT:
+            conn.serial_running = False
+        self.advance(conn)
+        if conn.state == EOF:
+            self._close_if_finished(conn)
+
+    def requeue(self, job: Job, from_line: int) -> None:
+        """Put the lines of a job that never started back in line (its worker died)."""
+        conn = job.conn
+        if from_line < job.count:
+            payload = b"".join(line + b"\n" for line in split_lines(job.payload)[from_line:])
+            rest = Job(conn, job.kind, job.first + from_line, job.count - from_line, payload)
+            index = 0
+            while index < len(conn.queue) and conn.queue[index].first < rest.first:
+                index += 1
+            conn.queue.insert(index, rest)
+        elif job.kind in (ipc.CONNECT, ipc.DISCONNECT) and from_line == 0:
+            conn.queue.appendleft(Job(conn, job.kind, job.first, 0, b""))
+            if job.kind == ipc.DISCONNECT:
+                conn.disconnect_queued = False
+
+    # -- answers and pushes ----------------------------------------------------------------
+
+    def on_reply(self, job: Job, first: int, count: int, answers: bytes, pushes: list, session) -> None:
+        for target, frame in pushes:
+            self.push(target, frame)
+        conn = job.conn
+        if session is not ipc.UNCHANGED:
+            conn.session = session
+        if count:
+            self.complete(conn, job.first + first, answers, count)
+
+    def fail_lines(self, job: Job, start: int, end: int, reason: str, message: str) -> None:
+        if end > start:
+            self.complete(job.conn, job.first + start, encode_fail(reason, message) * (end - start), end - start)
+
+    def complete(self, conn: Connection, seq: int, answers: bytes, count: int) -> None:
+        """Answers for seqs ``seq .. seq+count-1``: write them now, or keep them for their turn."""
+        if conn.state == CLOSED:
+            return
+        if seq != conn.write_seq:
+            conn.done[seq] = (answers, count)
+            return
+        wbuf = conn.wbuf
+        if not wbuf:
+            self.dirty.append(conn)
+        wbuf += answers
+        seq += count
+        done = conn.done
+        while done and seq in done:
+            answers, count = done.pop(seq)
+            wbuf += answers
+            seq += count
+        conn.write_seq = seq
+        if conn.state == OPEN and not conn.events & READ and self.reading and conn.unanswered < self.max_inflight:
+            self._set_events(conn, conn.events | READ)
+
+    def push(self, target: int, frame: bytes) -> None:
+        if target == BROADCAST:
+            for conn in self.conns.values():
+                self._append_push(conn, frame)
+            return
+        conn = self.conns.get(target)
+        if conn is None:
+            self.pushes_dropped += 1
+            log.debug("push to gone net_id %s dropped", target)
+        else:
+            self._append_push(conn, frame)
+
+    def _append_push(self, conn: Connection, frame: bytes) -> None:
+        if not conn.wbuf:
+            self.dirty.append(conn)
+        conn.wbuf += frame
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send what this loop iteration produced: one send per connection, not per answer."""
+        dirty, self.dirty = self.dirty, []
+        for conn in dirty:
+            if conn.state == CLOSED or not conn.wbuf:
+                continue
+            if not conn.events & WRITE:
+                self._send(conn)
+            if conn.state != CLOSED and conn.wbuf:
+                self._check_output_limits(conn)
+
+    def on_write(self, conn: Connection) -> None:
+        if conn.state == CLOSED:
+            return
+        self._send(conn)
+
+    def _send(self, conn: Connection) -> None:
+        wbuf = conn.wbuf
+        try:
+            sent = conn.sock.send(wbuf)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.close(conn, f"write failed: {exc.strerror or exc}")
+            return
+        if sent == len(wbuf):
+            wbuf.clear()
+            conn.soft_since = 0.0
+            if conn.events & WRITE:
+                self._set_events(conn, conn.events & ~WRITE)
+            if conn.state == EOF:
+                self._close_if_finished(conn)
+        else:
+            del wbuf[:sent]
+            if not conn.events & WRITE:
+                self._set_events(conn, conn.events | WRITE)
+
+    def _check_output_limits(self, conn: Connection) -> None:
+        size = len(conn.wbuf)
+        if size > self.hard_limit:
+            self.close(conn, f"output buffer over output_hard_limit ({size} > {self.hard_limit} bytes)", logging.WARNING)
+        elif size > self.soft_limit:
+            if not conn.soft_since:
+                conn.soft_since = self.now
+                self.timers.call_later(self.settings.output_soft_seconds, self._check_soft_limit, conn, self.now)
+        else:
+            conn.soft_since = 0.0
+
+    def _check_soft_limit(self, conn: Connection, since: float) -> None:
+        if conn.state != CLOSED and conn.soft_since == since and len(conn.wbuf) > self.soft_limit:
+            self.close(
+                conn,
+                f"output buffer over output_soft_limit ({len(conn.wbuf)} > {self.soft_limit} bytes) "
+                f"for {self.settings.output_soft_seconds:g}s",
+                logging.WARNING,
+            )
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def _close_if_finished(self, conn: Connection) -> None:
+        if conn.state == EOF and not conn.queue and not conn.running and not conn.wbuf:
+            self.close(conn, "client closed its side")
+
+    def close(self, conn: Connection, reason: str, level: int = logging.DEBUG) -> None:
+        """Close the socket now. Jobs already received still run; their answers are dropped."""
+        if conn.state == CLOSED:
+            return
+        log.log(level, "net_id %s closed: %s", conn.net_id, reason)
+        conn.state = CLOSED
+        self.conns.pop(conn.net_id, None)
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        conn.wbuf = bytearray()
+        conn.done.clear()
+        self.advance(conn)
+
+    def _set_events(self, conn: Connection, events: int) -> None:
+        if events == conn.events:
+            return
+        if conn.events and events:
+            self.selector.modify(conn.sock, events, conn)
+        elif events:
+            self.selector.register(conn.sock, events, conn)
+        else:
+            self.selector.unregister(conn.sock)
+        conn.events = events
+
+    def _schedule_idle_sweep(self) -> None:
+        period = max(self.settings.idle_timeout / 4, 0.05)
+        self._idle_timer = self.timers.call_later(period, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        limit = self.now - self.settings.idle_timeout
+        for conn in list(self.conns.values()):
+            # A connection waiting for answers is not idle: its client is waiting on us.
+            if conn.last_read < limit and not conn.unanswered and not conn.wbuf:
+                self.close(conn, f"idle for {self.settings.idle_timeout:g}s (idle_timeout)", logging.INFO)
+        if self.accepting:
+            self._schedule_idle_sweep()
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def stop_reading(self) -> None:
+        """Take no new RPCs from any connection (graceful stop)."""
+        self.reading = False
+        for conn in list(self.conns.values()):
+            if conn.state == OPEN:
+                self._set_events(conn, conn.events & ~READ)
+
+    def is_idle(self) -> bool:
+        """Nothing left to run or to send."""
+        if self.ready:
+            return False
+        return not any(conn.queue or conn.running or conn.wbuf or conn.unanswered for conn in self.conns.values())
+
+    def answer_unanswered(self, reason: str = _SHUTTING_DOWN, message: str = "server is shutting down") -> int:
+        """Give every RPC still without an answer a FAIL; returns how many."""
+        count = 0
+        fail = encode_fail(reason, message)
+        for conn in list(self.conns.values()):
+            # complete() at write_seq also writes the answers queued behind it, so each turn
+            # fails exactly the oldest RPC that has no answer yet.
+            while conn.write_seq < conn.next_seq:
+                self.complete(conn, conn.write_seq, fail, 1)
+                count += 1
+            conn.queue.clear()
+        self.ready.clear()
+        return count
+
+    def close_all(self, reason: str) -> None:
+        for conn in list(self.conns.values()):
+            self.close(conn, reason)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _frame_too_large(limit: int) -> bytes:
+    return encode_fail(_FRAME_TOO_LARGE, f"frame longer than max_frame_bytes ({limit} bytes)")

@@ -1,0 +1,201 @@
+"""The handler API: the ``Handlers`` registry users fill, and the ``conn`` object handlers get.
+
+A ``Handlers`` object is built at import time of the user's module, in every worker process
+(and in the acceptor only when a script passes one to ``Server``). ``Conn`` objects live in a
+worker for the duration of one job; pushes they make are collected and sent to the acceptor,
+which routes them by ``net_id``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any, Callable
+
+from .errors import SessionReadOnly
+from .protocol import encode_frame
+
+__all__ = ["Handlers", "Conn", "load_handlers", "HandlerLoadError", "BROADCAST"]
+
+BROADCAST = -1  # push target meaning "every connected client"
+
+
+class HandlerLoadError(Exception):
+    """The handler module named by the user cannot be used; the message is one line."""
+
+
+class _Op:
+    __slots__ = ("fn", "concurrent", "timeout")
+
+    def __init__(self, fn: Callable, concurrent: bool, timeout: float | None):
+        self.fn = fn
+        self.concurrent = concurrent
+        self.timeout = timeout
+
+
+class Handlers:
+    """Maps op names to handler functions ``fn(conn, data)``.
+
+    ``on(op, fn)`` registers directly, ``@on(op)`` as a decorator; ``concurrent=True`` lets one
+    connection's calls of the op run in parallel; ``timeout`` (seconds) overrides the server's.
+    """
+
+    def __init__(self) -> None:
+        self.ops: dict[str, _Op] = {}
+        self.any_fn: Callable | None = None
+        self.connect_fn: Callable | None = None
+        self.disconnect_fn: Callable | None = None
+        self.start_fns: list[Callable] = []
+
+    def on(self, op: str, fn: Callable | None = None, *, concurrent: bool = False, timeout: float | None = None):
+        if not op or "{" in op or "\n" in op:
+            raise ValueError(f"invalid op name {op!r}: must be non-empty, without '{{' or newline")
+        if op in ("OKAY", "FAIL"):
+            raise ValueError(f"op name {op!r} is reserved by the protocol")
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be >= 0 seconds")
+
+        def register(func: Callable) -> Callable:
+            if not callable(func):
+                raise TypeError(f"handler for {op!r} is not callable: {func!r}")
+            self.ops[op] = _Op(func, concurrent, timeout)
+            return func
+
+        return register if fn is None else register(fn)
+
+    def on_any(self, fn: Callable) -> Callable:
+        """``fn(conn, op, data)`` receives every op that has no handler of its own."""
+        self.any_fn = _checked(fn)
+        return fn
+
+    def on_connect(self, fn: Callable) -> Callable:
+        """``fn(conn)`` runs when a client connects, before any of its RPCs."""
+        self.connect_fn = _checked(fn)
+        return fn
+
+    def on_disconnect(self, fn: Callable) -> Callable:
+        """``fn(net_id)`` runs after a client's last RPC, once it has gone."""
+        self.disconnect_fn = _checked(fn)
+        return fn
+
+    def on_start(self, fn: Callable) -> Callable:
+        """``fn(options)`` runs once in each worker after it boots; ``options`` is a dict."""
+        self.start_fns.append(_checked(fn))
+        return fn
+
+    def merge(self, other: "Handlers") -> "Handlers":
+        """Add every registration of ``other`` to this registry; returns self."""
+        self.ops.update(other.ops)
+        for name in ("any_fn", "connect_fn", "disconnect_fn"):
+            if getattr(other, name) is not None:
+                setattr(self, name, getattr(other, name))
+        self.start_fns.extend(other.start_fns)
+        return self
+
+    def describe(self) -> dict:
+        """What the acceptor needs to know, sent by each worker when it boots."""
+        return {
+            "concurrent": sorted(op for op, entry in self.ops.items() if entry.concurrent),
+            "timeouts": {op: entry.timeout for op, entry in self.ops.items() if entry.timeout is not None},
+            "connect": self.connect_fn is not None,
+            "disconnect": self.disconnect_fn is not None,
+        }
+
+    # The seed's MessageHandler was itself the generic handler: handler(conn, op, data).
+    def __call__(self, conn: "Conn", op: str, data: dict) -> Any:
+        entry = self.ops.get(op)
+        if entry is not None:
+            return entry.fn(conn, data)
+        if self.any_fn is not None:
+            return self.any_fn(conn, op, data)
+        return None
+
+
+def _checked(fn: Callable) -> Callable:
+    if not callable(fn):
+        raise TypeError(f"expected a callable, got {type(fn).__name__}")
+    return fn
+
+
+class _ReadOnlySession(dict):
+    """The session as a concurrent op sees it: readable, and loud when written."""
+
+    def _refuse(self, *args, **kwargs):
+        raise SessionReadOnly(
+            "conn.session is read-only in a concurrent op; register the op without "
+            "concurrent=True to change the session"
+        )
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+
+class Conn:
+    """What a handler gets as ``conn``: identity, session, and the ways to push RPCs."""
+
+    __slots__ = ("net_id", "session", "okay_data", "pushes")
+
+    def __init__(self, net_id: int, session: dict, pushes: list, read_only: bool = False):
+        self.net_id = net_id
+        self.session = _ReadOnlySession(session) if read_only else session
+        self.okay_data: dict | None = None
+        self.pushes = pushes  # (target net_id or BROADCAST, encoded frame), sent with the answer
+
+    def rpc(self, op: str, data: dict) -> None:
+        """Push an RPC to this client."""
+        self.pushes.append((self.net_id, encode_frame(op, data)))
+
+    def rpc_to(self, net_id: int, op: str, data: dict) -> None:
+        """Push an RPC to another connection; dropped (and counted) if it has gone."""
+        self.pushes.append((int(net_id), encode_frame(op, data)))
+
+    def rpc_all(self, op: str, data: dict) -> None:
+        """Push an RPC to every connected client, this one included."""
+        self.pushes.append((BROADCAST, encode_frame(op, data)))
+
+    # The seed's Connection and Client both spelled it this way.
+    send = rpc
+
+
+def load_handlers(spec: str) -> Handlers:
+    """Import ``module`` or ``module:attribute`` and return its ``Handlers`` object.
+
+    Raises ``HandlerLoadError`` with one line naming the module, the error and file:line.
+    """
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "handlers"
+    if not module_name:
+        raise HandlerLoadError(f"handler module {spec!r}: empty module name")
+    # Like gunicorn, let `--handlers mymod` find mymod.py in the directory the server runs from.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as exc:  # a broken module may raise anything, SystemExit included
+        raise HandlerLoadError(f"cannot import handler module {module_name!r}: {_describe(exc)}") from None
+    handlers = getattr(module, attr, None)
+    if not isinstance(handlers, Handlers):
+        found = "nothing" if handlers is None else f"a {type(handlers).__name__}"
+        raise HandlerLoadError(
+            f"handler module {module_name!r} ({module.__file__}): attribute {attr!r} is {found}, "
+            "expected a simplerpc_mp.Handlers object"
+        )
+    return handlers
+
+
+def _describe(exc: BaseException) -> str:
+    where = ""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" at {exc.filename}:{exc.lineno}"
+    else:
+        # The innermost frame of the user's code, not of importlib or of this module.
+        tb, last = exc.__traceback__, None
+        while tb is not None:
+            filename = tb.tb_frame.f_code.co_filename
+            if not filename.startswith("<frozen") and filename != __file__:
+                last = tb
+            tb = tb.tb_next
+        if last is not None:
+            where = f" at {last.tb_frame.f_code.co_filename}:{last.tb_lineno}"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}{where}"

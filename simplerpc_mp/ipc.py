@@ -1,0 +1,95 @@
+"""Messages between the acceptor and its workers, and their framing. Pure: no sockets here.
+
+Each message is a pickled tuple sent as one length-prefixed record: a 4-byte big-endian length,
+then the bytes, the framing of ``multiprocessing.connection.Connection.send_bytes``, so a
+worker uses a plain blocking ``Connection`` while the acceptor reads and writes the same pipe
+non-blocking through ``RecordReader`` and ``frame_record``. Pickle only ever crosses between
+processes of one server, never from clients.
+
+acceptor -> worker::
+
+    (BATCH, [job, ...])   job = (job_id, kind, net_id, payload, session)
+    (STOP,)               finish what you have, then exit 0
+
+worker -> acceptor::
+
+    (HELLO, pid, info)            booted; info = Handlers.describe()
+    (BOOT_ERROR, message)         the handler module cannot be used; exit follows
+    (REPLY, [reply, ...])         reply = (job_id, first, count, answers, pushes, session)
+
+``payload`` is one or more complete lines, each ending in LF, exactly as the client sent them.
+``answers`` are the encoded answer lines for lines ``first .. first+count-1`` of the job, in
+order. ``session`` is a pickled dict, ``None`` for an empty one; in a reply, ``UNCHANGED``
+means the job left it as it was. ``pushes`` is a list of ``(net_id or BROADCAST, frame)``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+
+__all__ = [
+    "BATCH", "STOP", "HELLO", "BOOT_ERROR", "REPLY",
+    "SERIAL", "CONCURRENT", "CONNECT", "DISCONNECT", "UNCHANGED",
+    "RecordReader", "frame_record", "pack", "unpack",
+    "EXIT_BOOT_ERROR", "board_fields",
+]
+
+# message tags
+BATCH, STOP, HELLO, BOOT_ERROR, REPLY = range(5)
+# job kinds
+SERIAL, CONCURRENT, CONNECT, DISCONNECT = range(4)
+UNCHANGED = False
+
+# A worker that cannot load its handlers exits with this code (gunicorn's APP_LOAD_ERROR idea):
+# the supervisor then stops instead of respawning it in a loop.
+EXIT_BOOT_ERROR = 4
+
+_HEADER = struct.Struct("!i")
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+# The progress board: a few int64 slots in shared memory per worker that the worker updates
+# before each RPC, so the acceptor can tell, without a message, which RPC a worker is running
+# (for per-RPC timeouts, and to know after a crash which RPCs had not started).
+BOARD_JOB, BOARD_LINE, BOARD_START_NS, BOARD_TIMEOUT_MS = range(4)
+BOARD_SLOTS = 4
+
+
+def board_fields() -> int:
+    return BOARD_SLOTS
+
+
+def pack(message: tuple) -> bytes:
+    return pickle.dumps(message, _PROTOCOL)
+
+
+unpack = pickle.loads
+
+
+def frame_record(payload: bytes) -> bytes:
+    return _HEADER.pack(len(payload)) + payload
+
+
+class RecordReader:
+    """Splits the byte stream of a worker pipe into records (the payloads, without headers)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += data
+        records = []
+        start = 0
+        end = len(buf)
+        while end - start >= 4:
+            (size,) = _HEADER.unpack_from(buf, start)
+            if end - start - 4 < size:
+                break
+            records.append(bytes(buf[start + 4 : start + 4 + size]))
+            start += 4 + size
+        if start:
+            del buf[:start]
+        return records

@@ -1,0 +1,287 @@
+"""``Server``: wires the acceptor and the worker pool into one selector loop, and owns signals.
+
+Runs in the main server process. The loop, read top to bottom:
+
+1. select on client sockets, listeners, worker pipes, worker sentinels and the signal wakeup
+   socket, with the timeout of the nearest timer;
+2. handle what is ready: accept, read, write, worker replies, worker exits, signals;
+3. run the timers that are due (RPC deadlines, output limits, respawn back-off, ...);
+4. hand runnable jobs to workers, and send each connection its answers in one write.
+
+Signal handlers only record the signal: ``signal.set_wakeup_fd`` writes its number to a
+socket the selector watches, and the loop calls ``handle_<name>()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+
+from .acceptor import CLOSED, Acceptor, Connection, Listener
+from .config import Settings
+from .handlers import Handlers
+from .supervisor import FatalError, Pool, Sentinel, WorkerHandle
+from .timers import Timers
+
+log = logging.getLogger("simplerpc_mp.server")
+
+__all__ = ["Server", "ServerError", "EXIT_OK", "EXIT_HANDLERS", "EXIT_WORKERS_FAILING", "EXIT_LISTEN"]
+
+EXIT_OK = 0
+EXIT_LISTEN = 1  # the address could not be bound
+EXIT_HANDLERS = 3  # the handler module could not be loaded
+EXIT_WORKERS_FAILING = 4  # workers kept dying during start-up
+
+DEMO_HANDLERS = "simplerpc_mp.demo:handlers"
+# Workers get this long to leave after STOP when the server stops; then they are killed.
+WORKER_STOP_S = 5.0
+# A stopping server gives clients this long to read their last answers before closing.
+FINAL_FLUSH_S = 2.0
+
+_SIGNALS = {
+    signal.SIGINT: "int",
+    signal.SIGTERM: "term",
+    signal.SIGQUIT: "quit",
+    signal.SIGHUP: "hup",
+    signal.SIGTTIN: "ttin",
+    signal.SIGTTOU: "ttou",
+}
+
+
+class ServerError(Exception):
+    """The server could not start or had to stop; ``exit_code`` is what the CLI exits with."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Server:
+    """A simplerpc server whose handlers run in a pool of worker processes.
+
+    ``handlers`` is a ``Handlers`` object, a module path (``"mymod"`` or ``"mymod:attr"``), or
+    None for an empty registry to fill through ``server.handler`` (the seed's style). Any
+    setting of ``config.SETTINGS`` can be given as a keyword argument.
+    """
+
+    def __init__(self, host: str | None = None, port: int | None = None, handlers=None, workers: int | None = None, *,
+                 settings: Settings | None = None, on_ready=None, **overrides):
+        changes = {name: value for name, value in (("host", host), ("port", port), ("workers", workers)) if value is not None}
+        self.settings = (settings or Settings()).with_changes(**changes, **overrides)
+        if handlers is None and self.settings.handlers:
+            handlers = self.settings.handlers
+        if handlers is None:
+            handlers = Handlers()
+        self.handler: Handlers | None = handlers if isinstance(handlers, Handlers) else None
+        self.handlers_spec = handlers
+        self.on_ready = on_ready
+        self.address: tuple | None = None
+        self.ready = threading.Event()
+        self.exit_code = EXIT_OK
+        self._selector: selectors.BaseSelector | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stopping = False
+        self._done = False
+        self._graceful_timer = None
+
+    # The seed's registration style.
+    def on_connect(self, fn):
+        self._registry().on_connect(fn)
+        return fn
+
+    def on_disconnect(self, fn):
+        self._registry().on_disconnect(fn)
+        return fn
+
+    def _registry(self) -> Handlers:
+        if self.handler is None:
+            raise TypeError("this server loads its handlers from a module; register them there")
+        return self.handler
+
+    # -- running -----------------------------------------------------------------------------
+
+    def listen(self) -> tuple:
+        """Bind the listening socket; returns ``(host, port)``. ``start()`` calls it if needed."""
+        if self.address is None:
+            self._selector = selectors.DefaultSelector()
+            self.timers = Timers()
+            self.acceptor = Acceptor(self.settings, self._selector, self.timers)
+            try:
+                self.address = self.acceptor.listen(self.settings.host, self.settings.port)
+            except OSError as exc:
+                raise ServerError(
+                    f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror or exc}", EXIT_LISTEN
+                ) from None
+        return self.address
+
+    def start(self) -> int:
+        """Serve until stopped (blocking); returns the exit code (0 after a graceful stop).
+
+        Raises ``ServerError`` when the handlers can't be loaded or the workers keep dying.
+        """
+        self.listen()
+        selector = self._selector
+        self.pool = Pool(self.settings, self.handlers_spec, selector, self.timers, self.acceptor, self._on_first_boot)
+        selector.register(self._wake_r, selectors.EVENT_READ, None)
+        restore = self._install_signals()
+        try:
+            self.pool.start()
+            self._loop()
+        except FatalError as exc:
+            self.pool.kill_all()
+            raise ServerError(str(exc), exc.exit_code) from None
+        finally:
+            if self.pool.workers:
+                self.pool.kill_all()  # an unexpected error: leave no orphans
+            restore()
+            self.acceptor.stop_accepting(close=True)
+            self.acceptor.close_all("server stopped")
+            selector.close()
+        return self.exit_code
+
+    def stop(self) -> None:
+        """Ask the server to stop gracefully; safe from any thread or a signal handler."""
+        try:
+            self._wake_w.send(bytes([signal.SIGTERM]))
+        except BlockingIOError:
+            pass  # the wakeup buffer is full, so the loop is about to wake anyway
+
+    def _on_first_boot(self) -> None:
+        self.acceptor.start_accepting()
+        self.ready.set()
+        if self.on_ready is not None:
+            self.on_ready(self)
+
+    def _loop(self) -> None:
+        selector, acceptor, pool, timers = self._selector, self.acceptor, self.pool, self.timers
+        monotonic = time.monotonic
+        while not self._done:
+            now = monotonic()
+            events = selector.select(timers.timeout(now))
+            acceptor.now = monotonic()
+            for key, mask in events:
+                data = key.data
+                kind = type(data)
+                if kind is Connection:
+                    if mask & selectors.EVENT_READ:
+                        acceptor.on_read(data)
+                    if mask & selectors.EVENT_WRITE:
+                        acceptor.on_write(data)
+                elif kind is WorkerHandle:
+                    if mask & selectors.EVENT_READ:
+                        pool.on_readable(data)
+                    if mask & selectors.EVENT_WRITE:
+                        pool.on_writable(data)
+                elif kind is Listener:
+                    acceptor.on_accept(data)
+                elif kind is Sentinel:
+                    pool.on_exit(data.worker)
+                else:
+                    self._read_signals()
+            timers.run_due(monotonic())
+            pool.dispatch()
+            acceptor.flush()
+            if self._stopping and acceptor.is_idle() and not pool.busy():
+                self._finish_stop()
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            log.debug("not in the main thread: signals are not handled, use stop()")
+            return lambda: None
+        previous = {sig: signal.signal(sig, _record_only) for sig in _SIGNALS}
+        previous_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+        def restore() -> None:
+            signal.set_wakeup_fd(previous_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    def _read_signals(self) -> None:
+        try:
+            data = self._wake_r.recv(512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            name = _SIGNALS.get(signum)
+            if name is not None:
+                getattr(self, "handle_" + name)()
+
+    def handle_int(self) -> None:
+        if self._stopping:
+            log.warning("second interrupt: stopping now")
+            self.handle_quit()
+        else:
+            self.handle_term()
+
+    def handle_term(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("stopping gracefully: waiting up to %gs for RPCs in progress", self.settings.graceful_timeout)
+        self.acceptor.stop_accepting(close=True)
+        self.acceptor.stop_reading()
+        self._graceful_timer = self.timers.call_later(self.settings.graceful_timeout, self._graceful_timeout)
+
+    def handle_quit(self) -> None:
+        log.info("stopping now")
+        self._stopping = True
+        self.pool.kill_all()
+        failed = self.acceptor.answer_unanswered()
+        if failed:
+            log.warning("%d RPCs answered ShuttingDown", failed)
+        self._close_connections()
+        self._done = True
+
+    def handle_hup(self) -> None:
+        if not self._stopping:
+            self.pool.reload()
+
+    def handle_ttin(self) -> None:
+        self.pool.scale(+1)
+
+    def handle_ttou(self) -> None:
+        self.pool.scale(-1)
+
+    def _graceful_timeout(self) -> None:
+        self.pool.kill_all()
+        failed = self.acceptor.answer_unanswered()
+        log.warning("graceful_timeout (%gs) passed: %d RPCs answered ShuttingDown", self.settings.graceful_timeout, failed)
+        self._finish_stop()
+
+    def _finish_stop(self) -> None:
+        if self._graceful_timer is not None:
+            self._graceful_timer.cancel()
+        self._close_connections()
+        self.pool.stop_all(WORKER_STOP_S)
+        log.info("stopped")
+        self._done = True
+
+    def _close_connections(self) -> None:
+        """Give clients a short while to take their last answers, then close every connection."""
+        acceptor = self.acceptor
+        acceptor.flush()
+        deadline = time.monotonic() + FINAL_FLUSH_S
+        pending = [c for c in acceptor.conns.values() if c.wbuf]
+        while pending and time.monotonic() < deadline:
+            with selectors.DefaultSelector() as waiter:
+                for conn in pending:
+                    waiter.register(conn.sock, selectors.EVENT_WRITE, conn)
+                for key, _ in waiter.select(deadline - time.monotonic()):
+                    acceptor.on_write(key.data)
+            pending = [c for c in pending if c.wbuf and c.state != CLOSED]
+        acceptor.close_all("server stopping")
+
+
+def _record_only(signum, frame) -> None:
+    """The Python-level handler: the wakeup fd already carries the signal to the loop."""

@@ -1,0 +1,564 @@
+"""The worker pool and its supervision: spawn, dispatch, reap, time out, recycle, reload.
+
+Runs in the main server process, driven by the loop in ``server.Server``; no threads. Worker
+pipes and process sentinels are file descriptors in the same selector as the client sockets,
+and deadlines live in the loop's timer heap.
+
+The promise it keeps: every job it hands out is answered exactly once. It knows which worker
+holds which job (``WorkerHandle.jobs``, in the order the worker runs them) and, from the
+worker's progress board in shared memory, which RPC each worker is running. When a worker
+dies, the RPC it was running (and any it finished but had not yet sent) gets ``WorkerCrashed``
+or ``Timeout``; the RPCs it had not started go back in line for another worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import random
+import selectors
+import signal
+import socket
+import time
+from collections import deque
+
+from . import ipc
+from .acceptor import Acceptor, Job
+from .errors import Timeout, WorkerCrashed
+from .worker import worker_main
+
+log = logging.getLogger("simplerpc_mp.supervisor")
+
+__all__ = ["Pool", "WorkerHandle", "FatalError"]
+
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+# At most this many batches sent to a worker and not yet fully answered. Two keep a worker fed
+# (it finds the next batch waiting when it finishes one) while letting batches grow under load,
+# since each pipe write wakes a worker and is the acceptor's largest per-batch cost.
+MAX_BATCHES_PER_WORKER = 2
+RECV_BYTES = 4 * 1024 * 1024
+# After SIGUSR1 (stack dump) a timed-out worker gets this long before SIGKILL.
+DUMP_GRACE_S = 0.2
+# Crash-loop protection for workers that die before they finish booting.
+BOOT_FAILURES_FATAL = 5
+BOOT_BACKOFF_FIRST_S = 0.1
+BOOT_BACKOFF_MAX_S = 5.0
+MEMORY_CHECK_INTERVAL_S = 1.0
+# A worker asked to stop (recycling, reload, scale-down, shutdown) that is still there after this
+# long is killed.
+STOP_WAIT_S = 10.0
+
+
+class FatalError(Exception):
+    """The pool cannot serve (handlers won't load, workers keep dying); ``exit_code`` says which."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Sentinel:
+    """Selector data for a worker's process sentinel (readable once the process has exited)."""
+
+    __slots__ = ("worker",)
+
+    def __init__(self, worker: "WorkerHandle"):
+        self.worker = worker
+
+
+class WorkerHandle:
+    __slots__ = (
+        "worker_id", "process", "pid", "sock", "board", "reader", "wbuf", "jobs", "batches", "load",
+        "booted", "accepting", "stopping", "dead", "lines_sent", "max_lines", "generation",
+        "check_timer", "timed_out", "boot_error", "retire_reason", "kill_timer",
+    )
+
+    def __init__(self, worker_id: int, process, sock: socket.socket, board, generation: int, max_lines: int):
+        self.worker_id = worker_id
+        self.process = process
+        self.pid = process.pid
+        self.sock = sock
+        self.board = board
+        self.reader = ipc.RecordReader()
+        self.wbuf = bytearray()
+        self.jobs: deque[Job] = deque()  # sent and not fully answered, in the order it runs them
+        self.batches: deque[int] = deque()  # job_id of the last job of each unanswered batch
+        self.load = 0  # lines sent and not answered
+        self.booted = False
+        self.accepting = True  # takes new jobs (False once retiring)
+        self.stopping = False  # STOP sent
+        self.dead = False
+        self.lines_sent = 0
+        self.max_lines = max_lines
+        self.generation = generation
+        self.check_timer = None
+        self.timed_out: tuple[int, int] | None = None  # (job_id, line) that hit its timeout
+        self.boot_error = ""
+        self.retire_reason = ""
+        self.kill_timer = None
+
+
+class Pool:
+    def __init__(self, settings, handlers_spec, selector: selectors.BaseSelector, timers, acceptor: Acceptor, on_first_boot):
+        self.settings = settings
+        self.handlers_spec = handlers_spec
+        self.selector = selector
+        self.timers = timers
+        self.acceptor = acceptor
+        self.on_first_boot = on_first_boot
+        self.ctx = multiprocessing.get_context("spawn")
+        self.workers: list[WorkerHandle] = []
+        self.target = settings.worker_count
+        self.generation = 0
+        self.next_worker_id = 1
+        self.next_job_id = 1
+        self.ever_booted = False
+        self.boot_failures = 0  # in a row
+        self.respawn_after = 0.0
+        self.respawn_timer = None
+        self.shutting_down = False
+        self.min_timeout_s = settings.timeout
+        self.crashes = 0
+        self.timeouts = 0
+        self._memory_timer = None
+
+    # -- spawning ----------------------------------------------------------------------------
+
+    def spawn(self) -> WorkerHandle:
+        settings = self.settings
+        ours, theirs = socket.socketpair()
+        board = self.ctx.RawArray("q", ipc.BOARD_SLOTS)
+        worker_id = self.next_worker_id
+        self.next_worker_id += 1
+        options = dict(settings.handler_options)
+        options["default_timeout"] = settings.timeout
+        log_settings = {
+            "log_level": settings.log_level,
+            "log_format": settings.log_format,
+            "log_file": settings.log_file,
+            "access_log": settings.access_log,
+        }
+        process = self.ctx.Process(
+            target=worker_main,
+            args=(theirs, board, self.handlers_spec, options, worker_id, log_settings, os.getpid()),
+            name=f"simplerpc-mp-worker-{worker_id}",
+            daemon=True,  # multiprocessing's atexit then ends it too, whatever happens to us
+        )
+        process.start()
+        theirs.close()
+        ours.setblocking(False)
+        max_lines = 0
+        if settings.max_requests:
+            max_lines = settings.max_requests + random.randint(0, settings.max_requests_jitter)
+        worker = WorkerHandle(worker_id, process, ours, board, self.generation, max_lines)
+        self.workers.append(worker)
+        self.selector.register(ours, READ, worker)
+        self.selector.register(process.sentinel, READ, Sentinel(worker))
+        log.debug("spawned worker %s (pid %s)", worker_id, process.pid)
+        return worker
+
+    def start(self) -> None:
+        for _ in range(self.target):
+            self.spawn()
+        if self.settings.max_worker_memory:
+            self._memory_timer = self.timers.call_later(MEMORY_CHECK_INTERVAL_S, self.check_memory)
+
+    def manage(self) -> None:
+        """Bring the number of serving workers to the target (gunicorn's manage_workers)."""
+        if self.shutting_down:
+            return
+        serving = [w for w in self.workers if w.accepting and w.generation == self.generation]
+        missing = self.target - len(serving)
+        if missing > 0:
+            now = time.monotonic()
+            if now < self.respawn_after:
+                if self.respawn_timer is None:
+                    self.respawn_timer = self.timers.call_at(self.respawn_after, self._respawn_due)
+                return
+            for _ in range(missing):
+                self.spawn()
+        elif missing < 0:
+            # Retire the newest first: the oldest have warm caches.
+            for worker in sorted(serving, key=lambda w: -w.worker_id)[:-missing]:
+                self.retire(worker, "scaling down")
+
+    def _respawn_due(self) -> None:
+        self.respawn_timer = None
+        self.manage()
+
+    # -- dispatching -------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Hand the runnable jobs to workers, in batches, least-loaded worker first."""
+        ready = self.acceptor.ready
+        if not ready:
+            return
+        targets = [w for w in self.workers if w.accepting and w.booted and len(w.batches) < MAX_BATCHES_PER_WORKER]
+        if not targets:
+            return
+        if len(targets) > 1:
+            targets.sort(key=_by_load)
+        for index, worker in enumerate(targets):
+            share = -(-len(ready) // (len(targets) - index))
+            if share:
+                self.send_batch(worker, [ready.popleft() for _ in range(share)])
+
+    def send_batch(self, worker: WorkerHandle, batch: list[Job]) -> None:
+        items = []
+        lines = 0
+        job_id = self.next_job_id
+        for job in batch:
+            job.job_id = job_id
+            job.worker = worker
+            job_id += 1
+            lines += job.count
+            items.append((job.job_id, job.kind, job.conn.net_id, job.payload, job.conn.session))
+        self.next_job_id = job_id
+        worker.jobs.extend(batch)
+        worker.batches.append(job_id - 1)
+        worker.load += lines
+        worker.lines_sent += lines
+        self._write(worker, ipc.frame_record(ipc.pack((ipc.BATCH, items))))
+        if worker.check_timer is None and self.min_timeout_s > 0:
+            worker.check_timer = self.timers.call_later(self.min_timeout_s, self.check_deadline, worker)
+        if worker.max_lines and worker.lines_sent >= worker.max_lines and worker.accepting:
+            self.retire(worker, f"served max_requests ({worker.max_lines})")
+
+    def _write(self, worker: WorkerHandle, data: bytes) -> None:
+        if worker.wbuf:
+            worker.wbuf += data
+            return
+        try:
+            sent = worker.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return  # the worker died; its sentinel will tell, and its jobs are recovered then
+        if sent < len(data):
+            worker.wbuf += data[sent:]
+            self.selector.modify(worker.sock, READ | WRITE, worker)
+
+    def on_writable(self, worker: WorkerHandle) -> None:
+        if worker.dead:
+            return
+        try:
+            sent = worker.sock.send(worker.wbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            sent = len(worker.wbuf)
+        del worker.wbuf[:sent]
+        if not worker.wbuf:
+            self.selector.modify(worker.sock, READ, worker)
+
+    # -- what workers send -------------------------------------------------------------------
+
+    def on_readable(self, worker: WorkerHandle) -> None:
+        if worker.dead:
+            return
+        try:
+            data = worker.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(worker.sock)  # EOF: the sentinel will report the exit
+            worker.dead = True
+            return
+        self._handle_records(worker, data)
+
+    def _handle_records(self, worker: WorkerHandle, data: bytes) -> None:
+        acceptor = self.acceptor
+        for record in worker.reader.feed(data):
+            message = ipc.unpack(record)
+            tag = message[0]
+            if tag == ipc.REPLY:
+                jobs = worker.jobs
+                for job_id, first, count, answers, pushes, session in message[1]:
+                    job = jobs[0]
+                    acceptor.on_reply(job, first, count, answers, pushes, session)
+                    job.answered += count
+                    worker.load -= count
+                    if job.answered >= job.count:
+                        jobs.popleft()
+                        if worker.batches and worker.batches[0] == job_id:
+                            worker.batches.popleft()
+                        acceptor.job_done(job)
+                if not jobs and worker.stopping is False and not worker.accepting:
+                    self._send_stop(worker)
+            elif tag == ipc.HELLO:
+                self._on_hello(worker, message[2])
+            elif tag == ipc.BOOT_ERROR:
+                worker.boot_error = message[1]
+
+    def _on_hello(self, worker: WorkerHandle, info: dict) -> None:
+        worker.booted = True
+        self.boot_failures = 0
+        self.acceptor.set_handler_info(info)
+        timeouts = [t for t in info["timeouts"].values() if t > 0]
+        if self.settings.timeout > 0:
+            timeouts.append(self.settings.timeout)
+        self.min_timeout_s = min(timeouts) if timeouts else 0.0
+        log.info("worker %s booted (pid %s)", worker.worker_id, worker.pid)
+        if worker.generation == self.generation:
+            # During a reload, each new worker that boots replaces one of the old generation.
+            old = [w for w in self.workers if w.generation < self.generation and w.accepting]
+            if old:
+                self.retire(old[0], "replaced by reload")
+        if not self.ever_booted:
+            self.ever_booted = True
+            self.on_first_boot()
+
+    # -- stopping and losing workers --------------------------------------------------------
+
+    def retire(self, worker: WorkerHandle, reason: str, level: int = logging.INFO) -> None:
+        """Take no new jobs, finish the ones held, then exit; a replacement starts now."""
+        if not worker.accepting:
+            return
+        worker.accepting = False
+        worker.retire_reason = reason
+        log.log(level, "worker %s (pid %s) retiring: %s", worker.worker_id, worker.pid, reason)
+        if not worker.jobs:
+            self._send_stop(worker)
+        self.manage()
+
+    def _send_stop(self, worker: WorkerHandle) -> None:
+        worker.stopping = True
+        self._write(worker, ipc.frame_record(ipc.pack((ipc.STOP,))))
+        worker.kill_timer = self.timers.call_later(STOP_WAIT_S, self._kill, worker, "did not stop in time")
+
+    def _kill(self, worker: WorkerHandle, why: str) -> None:
+        if worker.process.exitcode is None:
+            log.warning("worker %s (pid %s) killed: %s", worker.worker_id, worker.pid, why)
+            worker.process.kill()
+
+    def on_exit(self, worker: WorkerHandle) -> None:
+        """The worker process has exited: collect what it sent, answer or requeue its jobs."""
+        if not worker.dead:
+            self._drain(worker)
+            self.selector.unregister(worker.sock)
+        worker.dead = True
+        self.selector.unregister(worker.process.sentinel)
+        worker.sock.close()
+        worker.process.join()
+        for timer in (worker.check_timer, worker.kill_timer):
+            if timer is not None:
+                timer.cancel()
+        self.workers.remove(worker)
+        code = worker.process.exitcode
+        how = _describe_exit(code)
+        if worker.boot_error or not worker.booted:
+            self._on_boot_failure(worker, how)
+        elif worker.stopping and code == 0:
+            log.info("worker %s (pid %s) exited (%s)", worker.worker_id, worker.pid, worker.retire_reason or "stopped")
+        elif not self.shutting_down or worker.jobs:
+            self.crashes += 1
+            running = self._describe_running(worker)
+            hint = " (perhaps out of memory?)" if code == -signal.SIGKILL and worker.timed_out is None else ""
+            log.error("worker %s (pid %s) died: %s%s%s", worker.worker_id, worker.pid, how, hint, running)
+        self._recover_jobs(worker, how)
+        self.manage()
+
+    def _drain(self, worker: WorkerHandle) -> None:
+        while True:
+            try:
+                data = worker.sock.recv(RECV_BYTES)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            self._handle_records(worker, data)
+
+    def _describe_running(self, worker: WorkerHandle) -> str:
+        if not worker.jobs:
+            return ""
+        job_id, line = worker.board[ipc.BOARD_JOB], worker.board[ipc.BOARD_LINE]
+        for job in worker.jobs:
+            if job.job_id == job_id:
+                return f" while running op {job.op_of(line)!r} for net_id {job.conn.net_id}"
+        return ""
+
+    def _recover_jobs(self, worker: WorkerHandle, how: str) -> None:
+        """Answer exactly once every RPC the dead worker held: FAIL what ran, requeue the rest."""
+        if not worker.jobs:
+            return
+        acceptor = self.acceptor
+        running_id, running_line = worker.board[ipc.BOARD_JOB], worker.board[ipc.BOARD_LINE]
+        ids = [job.job_id for job in worker.jobs]
+        # Jobs before the one on the board finished, but their answers were lost with the worker.
+        started = ids.index(running_id) + 1 if running_id in ids else 0
+        crashed = f"worker process died ({how}) before answering"
+        for position, job in enumerate(worker.jobs):
+            if position < started - 1:
+                acceptor.fail_lines(job, job.answered, job.count, WorkerCrashed.__name__, crashed)
+            elif position == started - 1:
+                stuck = min(running_line, job.count - 1) if job.count else 0
+                if worker.timed_out == (job.job_id, running_line) and job.count:
+                    acceptor.fail_lines(job, job.answered, stuck, WorkerCrashed.__name__, crashed)
+                    acceptor.fail_lines(job, stuck, stuck + 1, Timeout.__name__, f"RPC ran longer than its timeout; worker replaced")
+                else:
+                    acceptor.fail_lines(job, job.answered, stuck + 1, WorkerCrashed.__name__, crashed)
+                acceptor.requeue(job, stuck + 1)
+            else:
+                acceptor.requeue(job, job.answered)
+        jobs = list(worker.jobs)
+        worker.jobs.clear()
+        for job in jobs:
+            acceptor.job_done(job)
+
+    def _on_boot_failure(self, worker: WorkerHandle, how: str) -> None:
+        message = worker.boot_error or f"worker exited during start-up ({how})"
+        if worker.generation > self.generation:
+            return  # a worker of a reload that was already given up
+        if worker.generation == self.generation and self._has_old_generation():
+            # A reload with broken code: the old workers keep serving, the new ones go.
+            log.error("reload failed, old workers keep serving: %s", message)
+            self.generation -= 1
+            for other in self.workers:
+                if other.generation > self.generation:
+                    other.accepting = False
+                    other.process.kill()
+            return
+        if worker.boot_error and not self.ever_booted:
+            raise FatalError(message, 3)
+        self.boot_failures += 1
+        if self.boot_failures >= BOOT_FAILURES_FATAL:
+            raise FatalError(f"workers keep failing to start ({self.boot_failures} in a row): {message}", 4)
+        delay = min(BOOT_BACKOFF_FIRST_S * 2 ** (self.boot_failures - 1), BOOT_BACKOFF_MAX_S)
+        log.error("worker %s failed to start: %s; next try in %.1fs", worker.worker_id, message, delay)
+        self.respawn_after = time.monotonic() + delay
+
+    def _has_old_generation(self) -> bool:
+        return any(w.generation < self.generation for w in self.workers)
+
+    # -- deadlines ---------------------------------------------------------------------------
+
+    def check_deadline(self, worker: WorkerHandle) -> None:
+        """Timer: is the RPC this worker runs past its timeout? (reads the progress board)"""
+        worker.check_timer = None
+        if worker.dead or not worker.jobs or worker.timed_out is not None:
+            return
+        board = worker.board
+        job_id, line, start_ns, timeout_ms = (
+            board[ipc.BOARD_JOB], board[ipc.BOARD_LINE], board[ipc.BOARD_START_NS], board[ipc.BOARD_TIMEOUT_MS],
+        )
+        now_ns = time.monotonic_ns()
+        running = job_id and any(job.job_id == job_id for job in worker.jobs)
+        if running and timeout_ms > 0 and now_ns - start_ns >= timeout_ms * 1_000_000:
+            self._time_out(worker, job_id, line, timeout_ms)
+            return
+        if running and timeout_ms > 0:
+            delay = (start_ns + timeout_ms * 1_000_000 - now_ns) / 1e9
+        else:
+            delay = self.min_timeout_s
+        if delay > 0 or running:
+            worker.check_timer = self.timers.call_later(max(delay, 0.001), self.check_deadline, worker)
+
+    def _time_out(self, worker: WorkerHandle, job_id: int, line: int, timeout_ms: int) -> None:
+        job = next(job for job in worker.jobs if job.job_id == job_id)
+        self.timeouts += 1
+        worker.timed_out = (job_id, line)
+        worker.accepting = False
+        log.error(
+            "worker %s (pid %s): op %r for net_id %s ran past its %.3gs timeout; "
+            "dumping its stack and replacing the worker",
+            worker.worker_id, worker.pid, job.op_of(line), job.conn.net_id, timeout_ms / 1000,
+        )
+        try:
+            os.kill(worker.pid, signal.SIGUSR1)  # faulthandler in the worker prints the stack
+        except ProcessLookupError:
+            return
+        worker.kill_timer = self.timers.call_later(DUMP_GRACE_S, self._kill_now, worker)
+        self.manage()
+
+    def _kill_now(self, worker: WorkerHandle) -> None:
+        if worker.process.exitcode is None:
+            worker.process.kill()
+
+    # -- memory ------------------------------------------------------------------------------
+
+    def check_memory(self) -> None:
+        import psutil
+
+        limit = self.settings.max_worker_memory * 1024 * 1024
+        for worker in list(self.workers):
+            if not worker.accepting or worker.dead:
+                continue
+            try:
+                rss = psutil.Process(worker.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit:
+                self.retire(
+                    worker,
+                    f"RSS {rss / 1048576:.1f} MiB over max_worker_memory ({self.settings.max_worker_memory} MiB)",
+                    logging.WARNING,
+                )
+        if not self.shutting_down:
+            self._memory_timer = self.timers.call_later(MEMORY_CHECK_INTERVAL_S, self.check_memory)
+
+    # -- signals: reload and scaling --------------------------------------------------------
+
+    def reload(self) -> None:
+        """New workers import the handlers afresh; each old one retires once a new one booted."""
+        self.generation += 1
+        log.info("reloading: starting %d workers of generation %d", self.target, self.generation)
+        for _ in range(self.target):
+            self.spawn()
+
+    def scale(self, delta: int) -> None:
+        self.target = max(1, self.target + delta)
+        log.info("worker target now %d", self.target)
+        self.manage()
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def busy(self) -> bool:
+        return any(w.jobs for w in self.workers)
+
+    def stop_all(self, timeout: float) -> None:
+        """Ask every worker to stop, wait for them up to ``timeout``, then kill the rest."""
+        self.shutting_down = True
+        for worker in self.workers:
+            if worker.jobs:
+                worker.process.kill()  # whatever it runs has already been answered ShuttingDown
+            elif not worker.stopping:
+                worker.accepting = False
+                self._write(worker, ipc.frame_record(ipc.pack((ipc.STOP,))))
+                worker.stopping = True
+        deadline = time.monotonic() + timeout
+        for worker in list(self.workers):
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.exitcode is None:
+                log.warning("worker %s (pid %s) did not stop; killing it", worker.worker_id, worker.pid)
+                worker.process.kill()
+                worker.process.join()
+            worker.sock.close()
+        self.workers.clear()
+
+    def kill_all(self) -> None:
+        self.shutting_down = True
+        for worker in self.workers:
+            if worker.process.exitcode is None:
+                worker.process.kill()
+        for worker in self.workers:
+            worker.process.join()
+            worker.sock.close()
+        self.workers.clear()
+
+
+def _by_load(worker: WorkerHandle) -> tuple:
+    return (len(worker.batches), worker.load)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

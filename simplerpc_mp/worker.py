@@ -1,0 +1,210 @@
+"""The worker process: receive a batch of jobs, run the handlers, send back answers and pushes.
+
+Runs in each worker process, started with the ``spawn`` method by the supervisor, so it holds
+no client socket and imports the handler module afresh (which is what makes HUP a reload).
+It talks to the acceptor over one blocking pipe (see ``ipc``), and leaves supervision to it:
+it ignores SIGINT and SIGTERM, dumps its stack on SIGUSR1 (sent before a timeout kill), and dies
+with the acceptor (PR_SET_PDEATHSIG, and EOF on its pipe).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import pickle
+import signal
+import sys
+import time
+from multiprocessing.connection import Connection
+
+from . import ipc
+from .errors import UNKNOWN_MESSAGE, UNKNOWN_REASON, SimpleRPCException, UnknownOpcode
+from .handlers import Conn, Handlers, HandlerLoadError, load_handlers
+from .logs import configure_logging
+from .protocol import decode_frame, encode_fail, encode_frame, split_lines
+
+log = logging.getLogger("simplerpc_mp.worker")
+
+# Answers are sent when a batch ends, or earlier once this long has passed since the last send:
+# fast handlers then pay one pipe write per batch, slow ones don't hold finished answers back,
+# and a crash loses at most this much finished-but-unsent work (those RPCs get WorkerCrashed).
+FLUSH_AFTER_S = 0.002
+
+_SESSION_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+def worker_main(sock, board, handlers_spec, options: dict, worker_id: int, log_settings: dict, parent_pid: int) -> None:
+    """Entry point of a worker process (called in the child)."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the acceptor decides when workers stop
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    configure_logging(**log_settings)
+    _set_title(f"simplerpc-mp worker {worker_id}")
+    pipe = Connection(sock.detach())
+    try:
+        handlers = handlers_spec if isinstance(handlers_spec, Handlers) else load_handlers(handlers_spec)
+        for fn in handlers.start_fns:
+            fn(options)
+    except HandlerLoadError as exc:
+        _boot_failed(pipe, str(exc))
+    except Exception as exc:  # an on_start function failed: same outcome as a broken import
+        _boot_failed(pipe, f"on_start function failed: {type(exc).__name__}: {exc}")
+    pipe.send_bytes(ipc.pack((ipc.HELLO, os.getpid(), handlers.describe())))
+    Worker(pipe, board, handlers, options.get("default_timeout", 0.0), log_settings.get("access_log", False)).run()
+
+
+def _boot_failed(pipe: Connection, message: str) -> None:
+    try:
+        pipe.send_bytes(ipc.pack((ipc.BOOT_ERROR, message)))
+    except OSError:
+        pass  # the acceptor is gone; the exit code still tells
+    os._exit(ipc.EXIT_BOOT_ERROR)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    # Linux delivers SIGKILL to us when the acceptor dies, even while a handler runs a long
+    # computation and never reads its pipe. Elsewhere, EOF on the pipe is the signal.
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _set_title(title: str) -> None:
+    try:
+        import setproctitle  # optional extra: shows the role in ps and top
+    except ImportError:
+        return
+    setproctitle.setproctitle(title)
+
+
+class Worker:
+    """Runs batches of jobs; one instance per worker process."""
+
+    def __init__(self, pipe: Connection, board, handlers: Handlers, default_timeout: float, access_log: bool):
+        self.pipe = pipe
+        self.board = board
+        self.handlers = handlers
+        self.ops = handlers.ops
+        self.any_fn = handlers.any_fn
+        self.default_timeout_ms = int(default_timeout * 1000)
+        self.access_log = access_log
+        self.pid = os.getpid()
+
+    def run(self) -> None:
+        recv, send = self.pipe.recv_bytes, self.pipe.send_bytes
+        while True:
+            try:
+                message = ipc.unpack(recv())
+            except EOFError:
+                return  # the acceptor has gone
+            if message[0] == ipc.STOP:
+                return
+            replies = self.run_batch(message[1], send)
+            send(ipc.pack((ipc.REPLY, replies)))
+
+    def run_batch(self, jobs: list, send) -> list:
+        board = self.board
+        replies: list = []
+        last_flush = time.monotonic()
+        for job_id, kind, net_id, payload, session_blob in jobs:
+            board[ipc.BOARD_LINE] = 0
+            board[ipc.BOARD_START_NS] = time.monotonic_ns()
+            board[ipc.BOARD_TIMEOUT_MS] = self.default_timeout_ms
+            board[ipc.BOARD_JOB] = job_id
+            session = pickle.loads(session_blob) if session_blob else {}
+            pushes: list = []
+            if kind == ipc.CONNECT or kind == ipc.DISCONNECT:
+                self.run_hook(kind, Conn(net_id, session, pushes))
+                replies.append((job_id, 0, 0, b"", pushes, self.session_change(kind, session, session_blob)))
+                continue
+            conn = Conn(net_id, session, pushes, read_only=kind == ipc.CONCURRENT)
+            answers: list = []
+            first = 0
+            for index, line in enumerate(split_lines(payload)):
+                now = time.monotonic()
+                if now - last_flush > FLUSH_AFTER_S and (answers or replies):
+                    if answers:
+                        change = self.session_change(kind, session, session_blob)
+                        if change is not ipc.UNCHANGED:
+                            session_blob = change
+                        replies.append((job_id, first, len(answers), b"".join(answers), pushes, change))
+                        pushes = conn.pushes = []
+                        answers = []
+                        first = index
+                    send(ipc.pack((ipc.REPLY, replies)))
+                    replies = []
+                    last_flush = now
+                board[ipc.BOARD_LINE] = index
+                board[ipc.BOARD_START_NS] = time.monotonic_ns()
+                answers.append(self.run_line(conn, line))
+            replies.append(
+                (job_id, first, len(answers), b"".join(answers), pushes, self.session_change(kind, session, session_blob))
+            )
+        board[ipc.BOARD_JOB] = 0
+        return replies
+
+    @staticmethod
+    def session_change(kind: int, session: dict, old_blob):
+        """The new pickled session if a serial job changed it, else ``UNCHANGED``."""
+        if kind == ipc.CONCURRENT or (not session and not old_blob):
+            return ipc.UNCHANGED
+        new_blob = pickle.dumps(session, _SESSION_PROTOCOL) if session else None
+        return ipc.UNCHANGED if new_blob == old_blob else new_blob
+
+    def run_line(self, conn: Conn, line: bytes) -> bytes:
+        """Run one RPC and return its encoded answer; never raises."""
+        started = time.perf_counter() if self.access_log else 0.0
+        op = "?"
+        own_timeout = False
+        conn.okay_data = None
+        try:
+            op, data = decode_frame(line)
+            entry = self.ops.get(op)
+            if entry is not None:
+                if entry.timeout is not None:  # tell the acceptor this op's own deadline
+                    self.board[ipc.BOARD_TIMEOUT_MS] = int(entry.timeout * 1000)
+                    own_timeout = True
+                result = entry.fn(conn, data)
+            elif self.any_fn is not None:
+                result = self.any_fn(conn, op, data)
+            else:
+                raise UnknownOpcode(f"no handler for op {op!r}")
+            if type(result) is not dict:
+                if result is None:
+                    result = conn.okay_data if conn.okay_data is not None else {}
+                else:
+                    result = {"result": result}
+            answer = encode_frame("OKAY", result)
+        except SimpleRPCException as exc:
+            answer = encode_fail(exc.reason, str(exc))
+        except Exception:  # the handler boundary: any other error is the handler's bug
+            log.exception("handler for op %r failed (net_id %s, pid %s)", op, conn.net_id, self.pid)
+            answer = encode_fail(UNKNOWN_REASON, UNKNOWN_MESSAGE)
+        if own_timeout:
+            self.board[ipc.BOARD_TIMEOUT_MS] = self.default_timeout_ms
+        if self.access_log:
+            status = "OKAY" if answer.startswith(b"OKAY") else "FAIL " + decode_frame(answer[:-1])[1]["reason"]
+            log.info(
+                "access net_id=%s op=%s answer=%s duration_ms=%.3f pid=%s",
+                conn.net_id, op, status, (time.perf_counter() - started) * 1000, self.pid,
+            )
+        return answer
+
+    def run_hook(self, kind: int, conn: Conn) -> None:
+        try:
+            if kind == ipc.CONNECT:
+                self.handlers.connect_fn(conn)
+            else:
+                self.handlers.disconnect_fn(conn.net_id)
+        except Exception:  # a hook has no answer to carry the error: log it
+            name = "on_connect" if kind == ipc.CONNECT else "on_disconnect"
+            log.exception("%s handler failed (net_id %s, pid %s)", name, conn.net_id, self.pid)

@@ -1,0 +1,1 @@
+"""Ready handler modules: ``simplerpc-mp serve --handlers workers.echo`` (from the repository root)."""
