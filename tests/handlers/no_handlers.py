@@ -1,0 +1,3 @@
+"""A module without a Handlers object."""
+
+handlers = {"echo": print}
