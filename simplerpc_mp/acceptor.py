@@ -357,8 +357,8 @@ class Acceptor:
             conn.done[seq] = (answers, count)
             return
         wbuf = conn.wbuf
-        if not wbuf:
-            self.dirty.append(conn)
+        if not wbuf or conn.events & WRITE:
+            self.dirty.append(conn)  # (a blocked connection too, so flush() checks its limits)
         wbuf += answers
         seq += count
         done = conn.done
@@ -383,7 +383,7 @@ class Acceptor:
             self._append_push(conn, frame)
 
     def _append_push(self, conn: Connection, frame: bytes) -> None:
-        if not conn.wbuf:
+        if not conn.wbuf or conn.events & WRITE:
             self.dirty.append(conn)
         conn.wbuf += frame
 
