@@ -32,7 +32,7 @@ __all__ = [
     "BATCH", "STOP", "HELLO", "BOOT_ERROR", "REPLY",
     "SERIAL", "CONCURRENT", "CONNECT", "DISCONNECT", "UNCHANGED",
     "RecordReader", "frame_record", "pack", "unpack",
-    "EXIT_BOOT_ERROR", "board_fields",
+    "EXIT_BOOT_ERROR", "BOARD_SLOTS",
 ]
 
 # message tags
@@ -55,10 +55,6 @@ BOARD_JOB, BOARD_LINE, BOARD_START_NS, BOARD_TIMEOUT_MS = range(4)
 BOARD_SLOTS = 4
 
 
-def board_fields() -> int:
-    return BOARD_SLOTS
-
-
 def pack(message: tuple) -> bytes:
     return pickle.dumps(message, _PROTOCOL)
 
@@ -71,25 +67,33 @@ def frame_record(payload: bytes) -> bytes:
 
 
 class RecordReader:
-    """Splits the byte stream of a worker pipe into records (the payloads, without headers)."""
+    """Splits the byte stream of a worker pipe into records (the payloads, without headers).
 
-    __slots__ = ("_buf",)
+    Records are returned as memoryviews into the data read (``pickle.loads`` takes them), so the
+    common case, a read holding whole records, copies nothing.
+    """
+
+    __slots__ = ("_partial",)
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._partial = bytearray()
 
-    def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf
-        buf += data
+    def feed(self, data: bytes) -> list:
+        if self._partial:
+            self._partial += data
+            data = bytes(self._partial)
+            self._partial.clear()
+        view = memoryview(data)
         records = []
         start = 0
-        end = len(buf)
+        end = len(data)
+        unpack_from = _HEADER.unpack_from
         while end - start >= 4:
-            (size,) = _HEADER.unpack_from(buf, start)
+            (size,) = unpack_from(data, start)
             if end - start - 4 < size:
                 break
-            records.append(bytes(buf[start + 4 : start + 4 + size]))
+            records.append(view[start + 4 : start + 4 + size])
             start += 4 + size
-        if start:
-            del buf[:start]
+        if start < end:
+            self._partial += view[start:]
         return records

@@ -26,6 +26,7 @@ __all__ = [
     "decode_frame",
     "encode_frame",
     "encode_fail",
+    "encode_okay",
     "split_lines",
     "DEFAULT_MAX_FRAME_BYTES",
 ]
@@ -148,6 +149,11 @@ def encode_frame(op: str, data: dict) -> bytes:
     if not op or "{" in op or "\n" in op:
         raise ValueError(f"invalid op name {op!r}: must be non-empty, without '{{' or newline")
     return b"%s%s\n" % (op.encode("utf-8"), _dumps(data).encode("utf-8"))
+
+
+def encode_okay(data: dict) -> bytes:
+    """An OKAY answer: the hot path of every worker, so without encode_frame's op check."""
+    return b"OKAY%s\n" % _dumps(data).encode("utf-8")
 
 
 def encode_fail(reason: str, message: str) -> bytes:

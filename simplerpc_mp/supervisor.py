@@ -37,7 +37,7 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 # (it finds the next batch waiting when it finishes one) while letting batches grow under load,
 # since each pipe write wakes a worker and is the acceptor's largest per-batch cost.
 MAX_BATCHES_PER_WORKER = 2
-RECV_BYTES = 4 * 1024 * 1024
+RECV_BYTES = 1024 * 1024
 # After SIGUSR1 (stack dump) a timed-out worker gets this long before SIGKILL.
 DUMP_GRACE_S = 0.2
 # Crash-loop protection for workers that die before they finish booting.
@@ -353,6 +353,8 @@ class Pool:
             self._on_boot_failure(worker, how)
         elif worker.stopping and code == 0:
             log.info("worker %s (pid %s) exited (%s)", worker.worker_id, worker.pid, worker.retire_reason or "stopped")
+        elif worker.timed_out is not None:
+            log.info("worker %s (pid %s) killed after its timeout (%s)", worker.worker_id, worker.pid, how)
         elif not self.shutting_down or worker.jobs:
             self.crashes += 1
             running = self._describe_running(worker)

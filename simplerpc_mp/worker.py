@@ -22,7 +22,7 @@ from . import ipc
 from .errors import UNKNOWN_MESSAGE, UNKNOWN_REASON, SimpleRPCException, UnknownOpcode
 from .handlers import Conn, Handlers, HandlerLoadError, load_handlers
 from .logs import configure_logging
-from .protocol import decode_frame, encode_fail, encode_frame, split_lines
+from .protocol import decode_frame, encode_fail, encode_okay, split_lines
 
 log = logging.getLogger("simplerpc_mp.worker")
 
@@ -183,7 +183,7 @@ class Worker:
                     result = conn.okay_data if conn.okay_data is not None else {}
                 else:
                     result = {"result": result}
-            answer = encode_frame("OKAY", result)
+            answer = encode_okay(result)
         except SimpleRPCException as exc:
             answer = encode_fail(exc.reason, str(exc))
         except Exception:  # the handler boundary: any other error is the handler's bug

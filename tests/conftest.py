@@ -100,14 +100,7 @@ class RunningServer:
             children = psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
             return []
-        found = []
-        for child in children:
-            try:
-                if "spawn_main" in " ".join(child.cmdline()):
-                    found.append(child)
-            except psutil.Error:
-                pass
-        return found
+        return [child for child in children if _is_worker(child)]
 
     def send(self, signum: int) -> None:
         self.proc.send_signal(signum)
@@ -118,23 +111,39 @@ class RunningServer:
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
-        """Kill the server and every process under it (teardown; also after a failed test)."""
+        """End the server and every process under it (teardown; also after a failed test).
+
+        A graceful SIGTERM first, as an operator would; SIGKILL for whatever is left after 10 s.
+        """
         try:
             tree = psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             tree = []
         if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
         for child in tree:
             try:
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(tree, timeout=10)
+        # Wait for the workers only: multiprocessing's resource tracker exits by itself once the
+        # server is gone, and waiting for an orphan to be reaped by init can take seconds.
+        psutil.wait_procs([p for p in tree if _is_worker(p)], timeout=10)
         self.proc.stdout.close()
         self.log_file.close()
         os.unlink(self.log_file.name)
+
+
+def _is_worker(process: psutil.Process) -> bool:
+    try:
+        return "spawn_main" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
 
 
 @pytest.fixture
