@@ -132,10 +132,18 @@ class Acceptor:
         self.has_connect = False
         self.has_disconnect = False
         self.pushes_dropped = 0
+        self._idle_timer = None
+        self.apply_settings(settings)
+
+    def apply_settings(self, settings) -> None:
+        """Take new limits (at start, and on reload); new connections get the new frame limit."""
+        had_idle = self.settings.idle_timeout > 0
+        self.settings = settings
         self.max_inflight = settings.max_inflight
         self.hard_limit = settings.output_hard_limit
         self.soft_limit = settings.output_soft_limit
-        self._idle_timer = None
+        if self.accepting and settings.idle_timeout > 0 and not had_idle:
+            self._schedule_idle_sweep()
 
     # -- what the workers told us about the handlers ---------------------------------------
 
@@ -489,7 +497,7 @@ class Acceptor:
             # A connection waiting for answers is not idle: its client is waiting on us.
             if conn.last_read < limit and not conn.unanswered and not conn.wbuf:
                 self.close(conn, f"idle for {self.settings.idle_timeout:g}s (idle_timeout)", logging.INFO)
-        if self.accepting:
+        if self.accepting and self.settings.idle_timeout > 0:
             self._schedule_idle_sweep()
 
     # -- stopping --------------------------------------------------------------------------

@@ -1,23 +1,47 @@
 """Every setting of the server, declared once.
 
-``SETTINGS`` is the table: from it come the ``serve`` flags (``--max-requests``), the environment
-variables (``SIMPLERPC_MP_MAX_REQUESTS``), the TOML keys (``max_requests``), the ``--help`` text
-and the README's reference. Precedence: command line > environment > config file > default.
+``SETTINGS`` is the table: from it come the ``Settings`` dataclass, the ``serve`` flags
+(``--max-requests``), the environment variables (``SIMPLERPC_MP_MAX_REQUESTS``), the TOML keys
+(``max_requests``), the ``--help`` text, ``config/default.toml`` and ``docs/settings.md`` (both
+rendered here, and checked against the table by the tests).
 
-Runs in the acceptor process (and in ``simplerpc-mp check``); workers get a ``Settings`` copy.
+Precedence: command line > environment > config file > default. A bad value from any layer
+raises ``ConfigError`` whose message is one line naming where it came from (the file and key,
+the variable or the flag) and what was expected.
+
+The config file names the handler module in one of two shapes (TOML forbids mixing them)::
+
+    handlers = "mymod"            # or "mymod:attribute"; no options
+
+    [handlers]                    # the table form, when the handlers take options
+    module = "mymod"
+    [handlers.options]            # a dict handed to every @handlers.on_start function
+    pool_size = 4
+
+Runs in the acceptor process (and in ``simplerpc-mp check``); workers get plain values.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
 import os
+import re
 import tomllib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
-__all__ = ["Setting", "SETTINGS", "Settings", "ConfigError", "ENV_PREFIX", "resolve", "load_toml"]
+__all__ = [
+    "Setting", "SETTINGS", "SETTINGS_BY_NAME", "Settings", "ConfigError", "ENV_PREFIX", "CONFIG_ENV",
+    "resolve", "load_toml", "render_default_toml", "render_markdown",
+]
 
 ENV_PREFIX = "SIMPLERPC_MP_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"  # the config file, when --config is not given
 MiB = 1024 * 1024
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 class ConfigError(Exception):
@@ -32,6 +56,7 @@ class Setting:
     help: str
     section: str
     minimum: float | None = None
+    maximum: float | None = None
     choices: tuple[str, ...] | None = None
 
     @property
@@ -42,45 +67,69 @@ class Setting:
     def env(self) -> str:
         return ENV_PREFIX + self.name.upper()
 
+    @property
+    def expected(self) -> str:
+        """What a valid value looks like, in words: "an integer >= 0", "one of text, json"."""
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices)
+        words = _TYPE_WORDS[self.type]
+        if self.minimum is not None and self.maximum is not None:
+            return f"{words} from {self.minimum:g} to {self.maximum:g}"
+        if self.minimum is not None:
+            return f"{words} >= {self.minimum:g}"
+        return words
+
     def convert(self, value: Any, source: str) -> Any:
-        """Check and convert a value from ``source`` (a file, the environment, a flag)."""
-        expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[self.type]
+        """Check and convert a value; ``source`` names where it came from, for the error message.
+
+        Text (environment, flags) is parsed; values from TOML must already have the right type,
+        except that an integer is accepted where a number is expected.
+        """
         if isinstance(value, str) and self.type is not str:
             value = _parse_text(value, self.type)
-        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+        if self.type is float and type(value) is int:
             value = float(value)
-        if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
-            raise ConfigError(f"{source}: {self.name} must be {expected}, got {value!r}")
-        if self.minimum is not None and value < self.minimum:
-            raise ConfigError(f"{source}: {self.name} must be >= {self.minimum:g}, got {value!r}")
-        if self.choices is not None and value not in self.choices:
-            raise ConfigError(f"{source}: {self.name} must be one of {', '.join(self.choices)}, got {value!r}")
+        if type(value) is not self.type:
+            raise ConfigError(f"{source}: expected {self.expected}, got {_show(value)}")
+        if self.choices is not None:
+            value = value.lower()
+            if value not in self.choices:
+                raise ConfigError(f"{source}: expected {self.expected}, got {_show(value)}")
+        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
+            raise ConfigError(f"{source}: expected {self.expected}, got {_show(value)}")
         return value
 
 
 def _parse_text(text: str, kind: type) -> Any:
-    text = text.strip()
+    """Text to ``kind``, or the text unchanged when it does not parse (``convert`` then refuses it)."""
+    stripped = text.strip()
     if kind is bool:
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        return text
+        return {"1": True, "true": True, "yes": True, "on": True,
+                "0": False, "false": False, "no": False, "off": False}.get(stripped.lower(), text)
     try:
-        return kind(text)
+        return kind(stripped)
     except ValueError:
         return text
 
 
-def _s(name, kind, default, help, section, **kw) -> Setting:
+def _show(value: Any) -> str:
+    """A value as the user wrote it, TOML-ish: strings quoted, true/false, tables as {...}."""
+    if isinstance(value, (dict, list)):
+        return "a table" if isinstance(value, dict) else "an array"
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _s(name: str, kind: type, default: Any, help: str, section: str, **kw: Any) -> Setting:
     return Setting(name, kind, default, help, section, **kw)
 
 
 SETTINGS: tuple[Setting, ...] = (
     # -- server
-    _s("host", str, "127.0.0.1", "Address to listen on.", "server"),
-    _s("port", int, 30000, "TCP port to listen on (0 picks a free one).", "server", minimum=0),
+    _s("host", str, "127.0.0.1", "Address to listen on (0.0.0.0 for every interface).", "server"),
+    _s("port", int, 30000, "TCP port to listen on (0 picks a free one).", "server", minimum=0, maximum=65535),
     _s("workers", int, 0, "Worker processes; 0 means one per CPU core.", "server", minimum=0),
     _s("handlers", str, "", "Handler module, 'module' or 'module:attribute'; empty serves the built-in demo.", "server"),
     # -- workers
@@ -98,140 +147,283 @@ SETTINGS: tuple[Setting, ...] = (
     _s("max_connections", int, 10000, "Connections the server holds at once; more get FAIL TooManyConnections.", "limits", minimum=1),
     _s("idle_timeout", float, 0.0, "Close connections silent for this many seconds (0 = off).", "limits", minimum=0),
     # -- logging
-    _s("log_level", str, "info", "Log level.", "logging", choices=("debug", "info", "warning", "error", "critical")),
-    _s("log_format", str, "text", "Log line format.", "logging", choices=("text", "json")),
-    _s("log_file", str, "", "Append logs to this file instead of stderr.", "logging"),
-    _s("access_log", bool, False, "Log one line per RPC (net_id, op, answer, duration, worker pid).", "logging"),
+    _s("log_level", str, "info", "Least severe level logged.", "logging", choices=("debug", "info", "warning", "error", "critical")),
+    _s("log_format", str, "text", "Log line format: text (one line, pid included) or json (one object per line).", "logging", choices=("text", "json")),
+    _s("log_file", str, "", "Append logs to this file instead of stderr (empty = stderr).", "logging"),
+    _s("access_log", bool, False, "Log one line per RPC at info level (net_id, op, answer, duration, worker pid).", "logging"),
 )
 
 SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))
 
 
-@dataclass
-class Settings:
-    """The effective settings, one attribute per entry of ``SETTINGS``."""
-
-    host: str = "127.0.0.1"
-    port: int = 30000
-    workers: int = 0
-    handlers: str = ""
-    timeout: float = 30.0
-    graceful_timeout: float = 30.0
-    max_requests: int = 0
-    max_requests_jitter: int = 0
-    max_worker_memory: int = 0
-    max_frame_bytes: int = 1 * MiB
-    max_inflight: int = 128
-    output_hard_limit: int = 32 * MiB
-    output_soft_limit: int = 8 * MiB
-    output_soft_seconds: float = 60.0
-    max_connections: int = 10000
-    idle_timeout: float = 0.0
-    log_level: str = "info"
-    log_format: str = "text"
-    log_file: str = ""
-    access_log: bool = False
-    # Where each value came from ("default", a file path, "environment", "command line").
-    sources: dict = field(default_factory=dict, repr=False, compare=False)
-    # The [handlers.options] table of the config file, handed to on_start functions.
-    handler_options: dict = field(default_factory=dict, repr=False, compare=False)
-    config_file: str = ""
-
-    def with_changes(self, **changes: Any) -> "Settings":
-        """A copy with some settings changed, each checked like any other source."""
-        values = {s.name: getattr(self, s.name) for s in SETTINGS}
-        for name, value in changes.items():
-            setting = SETTINGS_BY_NAME.get(name)
-            if setting is None:
-                raise ConfigError(f"unknown setting {name!r}")
-            values[name] = setting.convert(value, "argument")
-        new = Settings(**values)
-        new.sources = dict(self.sources)
-        new.handler_options = dict(self.handler_options)
-        new.config_file = self.config_file
-        return new
-
-    @property
-    def worker_count(self) -> int:
-        return self.workers or os.cpu_count() or 1
+def _with_changes(self, **changes: Any) -> "Settings":
+    """A copy with some settings changed, each checked like any other source."""
+    values = {s.name: getattr(self, s.name) for s in SETTINGS}
+    for name, value in changes.items():
+        setting = SETTINGS_BY_NAME.get(name)
+        if setting is None:
+            raise ConfigError(f"unknown setting {name!r}{_suggest(name, SETTINGS_BY_NAME)}")
+        values[name] = setting.convert(value, f"setting {name}")
+    _check_together(values, {})
+    return dataclasses.replace(
+        self, **values, sources=dict(self.sources), handler_options=dict(self.handler_options)
+    )
 
 
-def _check_table_matches_dataclass() -> None:
-    # The dataclass above repeats the defaults so that editors and type checkers see them;
-    # this keeps the two from drifting apart.
-    plain = Settings()
-    for s in SETTINGS:
-        if getattr(plain, s.name) != s.default:
-            raise AssertionError(f"Settings.{s.name} default differs from SETTINGS")
+def _worker_count(self) -> int:
+    return self.workers or os.cpu_count() or 1
 
 
-_check_table_matches_dataclass()
+# The dataclass is generated from the table, so adding a setting is one line above.
+Settings = dataclasses.make_dataclass(
+    "Settings",
+    [(s.name, s.type, dataclasses.field(default=s.default)) for s in SETTINGS]
+    + [
+        # Where each value came from: "default", the config file's path, "$SIMPLERPC_MP_...", "--flag".
+        ("sources", dict, dataclasses.field(default_factory=dict, repr=False, compare=False)),
+        # The config file's [handlers.options] table, handed to on_start functions.
+        ("handler_options", dict, dataclasses.field(default_factory=dict, repr=False, compare=False)),
+        ("config_file", str, dataclasses.field(default="", compare=False)),
+    ],
+    namespace={
+        "__doc__": "The effective settings: one attribute per entry of ``SETTINGS``.",
+        "with_changes": _with_changes,
+        "worker_count": property(_worker_count),
+    },
+)
+Settings.__module__ = __name__  # so that pickle finds it (make_dataclass's module= is 3.12+)
 
+
+def _check_together(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """Rules that involve two settings."""
+    soft, hard = values["output_soft_limit"], values["output_hard_limit"]
+    if soft > hard:
+        where = sources.get("output_soft_limit", "setting output_soft_limit")
+        raise ConfigError(
+            f"{_where(where, 'output_soft_limit')}: expected at most output_hard_limit ({hard}), got {soft}"
+        )
+
+
+def _where(source: str, name: str) -> str:
+    """A source label (as kept in ``Settings.sources``) as the start of an error message."""
+    if source.startswith("$"):
+        return "environment variable " + source[1:]
+    if source.startswith("--"):
+        return "option " + source
+    if source in ("default", "") or source.startswith("setting "):
+        return f"setting {name}"
+    return f"{source}: key {name}"
+
+
+def _suggest(key: str, names) -> str:
+    close = difflib.get_close_matches(key, list(names), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+# -- the config file ---------------------------------------------------------------------------
 
 def load_toml(path: str) -> tuple[dict, dict]:
-    """Read a config file; return ``(settings, handler_options)``, raising ``ConfigError``."""
+    """Read a config file; return ``(settings, handler_options)``, raising ``ConfigError``.
+
+    Values are checked and converted; unknown keys are refused with a suggestion.
+    """
     try:
         with open(path, "rb") as f:
             document = tomllib.load(f)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{path}: not valid TOML: {exc}{_toml_hint(path, str(exc))}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: the file is not UTF-8") from None
     values: dict = {}
     options: dict = {}
     for key, value in document.items():
         if key == "handlers" and isinstance(value, dict):
-            # [handlers] table: module = "...", options = {...}
-            for sub, subvalue in value.items():
-                if sub == "module":
-                    values["handlers"] = subvalue
-                elif sub == "options" and isinstance(subvalue, dict):
-                    options = subvalue
-                else:
-                    raise ConfigError(f"{path}: unknown key handlers.{sub} (expected 'module' or 'options')")
+            module, options = _handlers_table(path, value)
+            if module is not None:
+                values["handlers"] = SETTINGS_BY_NAME["handlers"].convert(module, f"{path}: key handlers.module")
             continue
-        if key not in SETTINGS_BY_NAME:
-            raise ConfigError(f"{path}: unknown key {key!r}{_suggest(key)}")
-        values[key] = value
+        setting = SETTINGS_BY_NAME.get(key)
+        if setting is None:
+            kind = "table" if isinstance(value, dict) else "key"
+            raise ConfigError(
+                f"{path}: unknown {kind} {key}{_suggest(key, SETTINGS_BY_NAME)}; "
+                f"expected one of the settings (see `simplerpc-mp serve --help`) or a [handlers] table"
+            )
+        values[key] = setting.convert(value, f"{path}: key {key}")
     return values, options
 
 
-def _suggest(key: str) -> str:
-    import difflib
+def _handlers_table(path: str, table: dict) -> tuple[str | None, dict]:
+    module, options = None, {}
+    for key, value in table.items():
+        if key == "module":
+            module = value
+        elif key == "options":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: key handlers.options: expected a table, got {_show(value)}")
+            options = value
+        elif key in SETTINGS_BY_NAME:
+            # TOML puts every key after a [table] header into that table: a classic slip.
+            raise ConfigError(
+                f"{path}: unknown key handlers.{key}: the [handlers] table takes module and options; "
+                f"move {key} above the first [table] header to make it a setting"
+            )
+        else:
+            raise ConfigError(
+                f"{path}: unknown key handlers.{key}{_suggest(key, ('module', 'options'))}; "
+                "the [handlers] table takes module and options (put handler options under [handlers.options])"
+            )
+    return module, options
 
-    close = difflib.get_close_matches(key, SETTINGS_BY_NAME, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
+def _toml_hint(path: str, message: str) -> str:
+    """Explain the one TOML error our own layout invites: ``handlers`` given twice."""
+    match = re.search(r"at line (\d+)", message)
+    if not match or "overwrite" not in message:
+        return ""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            line = f.read().splitlines()[int(match.group(1)) - 1]
+    except (OSError, IndexError):
+        return ""
+    if "handlers" not in line:
+        return ""
+    return (
+        "; handlers is given twice: write either handlers = \"mymod\" or a [handlers] table "
+        "with module = \"mymod\" and [handlers.options], not both"
+    )
+
+
+# -- merging the layers ------------------------------------------------------------------------
 
 def resolve(
     cli: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     config_path: str | None = None,
 ) -> Settings:
-    """Merge the layers: command line > environment > config file > default."""
+    """Merge the layers: command line > environment > config file > default.
+
+    ``cli`` maps setting names to values (None = not given); ``env`` defaults to ``os.environ``;
+    ``config_path`` defaults to ``$SIMPLERPC_MP_CONFIG``.
+    """
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
     env = os.environ if env is None else env
     values = {s.name: s.default for s in SETTINGS}
     sources = {s.name: "default" for s in SETTINGS}
     options: dict = {}
-    config_path = config_path or env.get(ENV_PREFIX + "CONFIG") or None
+    config_path = config_path or env.get(CONFIG_ENV) or None
     if config_path:
         file_values, options = load_toml(config_path)
-        for name, value in file_values.items():
-            values[name] = SETTINGS_BY_NAME[name].convert(value, f"{config_path}: key {name}")
-            sources[name] = config_path
+        values.update(file_values)
+        sources.update(dict.fromkeys(file_values, config_path))
+    _check_env_names(env)
     for s in SETTINGS:
         if s.env in env:
             values[s.name] = s.convert(env[s.env], f"environment variable {s.env}")
-            sources[s.name] = "environment"
+            sources[s.name] = "$" + s.env
     for name, value in cli.items():
         setting = SETTINGS_BY_NAME.get(name)
         if setting is None:
-            raise ConfigError(f"unknown setting {name!r}")
+            raise ConfigError(f"unknown setting {name!r}{_suggest(name, SETTINGS_BY_NAME)}")
         values[name] = setting.convert(value, f"option {setting.flag}")
-        sources[name] = "command line"
-    settings = Settings(**values)
-    settings.sources = sources
-    settings.handler_options = options
-    settings.config_file = config_path or ""
-    return settings
+        sources[name] = setting.flag
+    _check_together(values, sources)
+    return Settings(**values, sources=sources, handler_options=options, config_file=config_path or "")
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """A misspelt variable would otherwise be ignored without a word, like a misspelt key."""
+    known = {s.env for s in SETTINGS} | {CONFIG_ENV}
+    for name in env:
+        if name.startswith(ENV_PREFIX) and name not in known:
+            raise ConfigError(f"environment variable {name}: unknown setting{_suggest(name, known)}")
+
+
+# -- rendering the reference -------------------------------------------------------------------
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) and value >= 10000:
+        return f"{value:_}"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string for the plain values used here
+    return repr(value)
+
+
+def render_default_toml() -> str:
+    """``config/default.toml``: every setting with its default and a one-line comment."""
+    lines = [
+        "# simplerpc-mp: every setting with its default value.",
+        "# Generated from simplerpc_mp/config.py by `simplerpc-mp settings > config/default.toml`.",
+        "# Each key is also an environment variable (max_requests -> SIMPLERPC_MP_MAX_REQUESTS) and a",
+        "# flag (--max-requests). Precedence: command line > environment > this file > default.",
+    ]
+    for section in SECTIONS:
+        lines += ["", f"# -- {section}"]
+        for s in SETTINGS:
+            if s.section == section:
+                lines += [f"# {s.help}", f"{s.name} = {_toml_value(s.default)}"]
+    lines += [
+        "",
+        "# -- handler options",
+        "# Handlers that take options use the table form instead of the handlers key above",
+        "# (TOML refuses both). [handlers.options] is handed to @handlers.on_start functions as a dict.",
+        "# [handlers]",
+        '# module = "mymod"',
+        "# [handlers.options]",
+        "# pool_size = 4",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_markdown() -> str:
+    """``docs/settings.md``: the settings reference."""
+    lines = [
+        "# Settings",
+        "",
+        "<!-- Generated from simplerpc_mp/config.py by `simplerpc-mp settings --format markdown`. -->",
+        "",
+        "Every setting can be given in the config file (`--config FILE` or `$SIMPLERPC_MP_CONFIG`), as an",
+        "environment variable or on the command line; the command line wins over the environment, which",
+        "wins over the file, which wins over the default. `simplerpc-mp check --config FILE` prints the",
+        "effective value of each setting and where it came from.",
+        "",
+        "| TOML key | default | flag / environment variable | accepts | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for s in SETTINGS:
+        default = _toml_value(s.default)
+        lines.append(f"| `{s.name}` | `{default}` | `{s.flag}` `{s.env}` | {s.expected} | {s.help} |")
+    lines += [
+        "",
+        "Booleans in the environment accept `1/true/yes/on` and `0/false/no/off`; on the command line",
+        "they are `--access-log` / `--no-access-log`. Sizes are in bytes unless the name says otherwise",
+        "(`max_worker_memory` is in MiB), durations in seconds.",
+        "",
+        "## Handlers and their options",
+        "",
+        "```toml",
+        'handlers = "mymod"            # or "mymod:attribute"; the short form, without options',
+        "```",
+        "",
+        "or, when the handlers take options (TOML refuses both forms in one file):",
+        "",
+        "```toml",
+        "[handlers]",
+        'module = "mymod"',
+        "[handlers.options]            # handed to every @handlers.on_start function, as a dict",
+        "pool_size = 4",
+        'db = "postgres://db/app"',
+        "```",
+        "",
+        "Settings must come before the first `[table]` header: TOML puts every key after `[handlers]`",
+        "into that table (the error message says so). `--handlers` and `$SIMPLERPC_MP_HANDLERS` override",
+        "`module`; the options still come from the file.",
+        "",
+    ]
+    return "\n".join(lines)

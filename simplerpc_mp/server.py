@@ -23,7 +23,7 @@ import threading
 import time
 
 from .acceptor import CLOSED, Acceptor, Connection, Listener
-from .config import Settings
+from .config import ConfigError, Settings
 from .handlers import Handlers
 from .supervisor import FatalError, Pool, Sentinel, WorkerHandle
 from .timers import Timers
@@ -70,7 +70,7 @@ class Server:
     """
 
     def __init__(self, host: str | None = None, port: int | None = None, handlers=None, workers: int | None = None, *,
-                 settings: Settings | None = None, on_ready=None, **overrides):
+                 settings: Settings | None = None, on_ready=None, settings_loader=None, **overrides):
         changes = {name: value for name, value in (("host", host), ("port", port), ("workers", workers)) if value is not None}
         self.settings = (settings or Settings()).with_changes(**changes, **overrides)
         if handlers is None and self.settings.handlers:
@@ -80,6 +80,8 @@ class Server:
         self.handler: Handlers | None = handlers if isinstance(handlers, Handlers) else None
         self.handlers_spec = handlers
         self.on_ready = on_ready
+        # Called on HUP to read the settings again (the config file may have changed).
+        self.settings_loader = settings_loader
         self.address: tuple | None = None
         self.ready = threading.Event()
         self.exit_code = EXIT_OK
@@ -244,8 +246,26 @@ class Server:
         self._done = True
 
     def handle_hup(self) -> None:
-        if not self._stopping:
-            self.pool.reload()
+        if self._stopping:
+            return
+        if self.settings_loader is not None:
+            self._reload_settings()
+        self.pool.reload()
+
+    def _reload_settings(self) -> None:
+        try:
+            new = self.settings_loader()
+        except ConfigError as exc:  # keep serving with the settings we have
+            log.error("reload: settings not changed: %s", exc)
+            return
+        fixed = ("host", "port", "handlers")  # what a running server cannot change
+        changed = [s for s in fixed if getattr(new, s) != getattr(self.settings, s)]
+        if changed:
+            log.warning("reload: %s cannot change while running; restart to apply", ", ".join(changed))
+        new = new.with_changes(**{name: getattr(self.settings, name) for name in fixed})
+        self.settings = new
+        self.acceptor.apply_settings(new)
+        self.pool.apply_settings(new)
 
     def handle_ttin(self) -> None:
         self.pool.scale(+1)

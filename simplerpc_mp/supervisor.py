@@ -498,10 +498,18 @@ class Pool:
                     f"RSS {rss / 1048576:.1f} MiB over max_worker_memory ({self.settings.max_worker_memory} MiB)",
                     logging.WARNING,
                 )
-        if not self.shutting_down:
+        self._memory_timer = None
+        if not self.shutting_down and self.settings.max_worker_memory:
             self._memory_timer = self.timers.call_later(MEMORY_CHECK_INTERVAL_S, self.check_memory)
 
     # -- signals: reload and scaling --------------------------------------------------------
+
+    def apply_settings(self, settings) -> None:
+        """Settings of a reload: new workers get them; the memory check follows the new limit."""
+        self.settings = settings
+        self.target = settings.worker_count
+        if settings.max_worker_memory and self._memory_timer is None:
+            self._memory_timer = self.timers.call_later(MEMORY_CHECK_INTERVAL_S, self.check_memory)
 
     def reload(self) -> None:
         """New workers import the handlers afresh; each old one retires once a new one booted."""
