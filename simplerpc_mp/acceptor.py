@@ -128,6 +128,7 @@ class Acceptor:
         self.accepting = False
         self.reading = True
         self.accept_paused = False
+        self.out_of_descriptors = False
         self.concurrent_ops: frozenset[bytes] = frozenset()
         self.has_connect = False
         self.has_disconnect = False
@@ -192,6 +193,9 @@ class Acceptor:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue  # the client gave up while in the backlog
                 raise
+            if self.out_of_descriptors:
+                self.out_of_descriptors = False
+                log.info("accepting connections again")
             if len(self.conns) >= self.settings.max_connections:
                 self._refuse(sock, peer)
                 continue
@@ -207,7 +211,9 @@ class Acceptor:
         sock.close()
 
     def _pause_accepting(self, exc: OSError) -> None:
-        log.error("accept failed (%s); pausing accepting for %.1fs", exc.strerror, ACCEPT_PAUSE_S)
+        if not self.out_of_descriptors:  # log once per episode, not every pause
+            self.out_of_descriptors = True
+            log.error("accept failed (%s); pausing accepting for %.1fs at a time until it works", exc.strerror, ACCEPT_PAUSE_S)
         for listener in self.listeners:
             self.selector.unregister(listener.sock)
         self.accept_paused = True
@@ -218,7 +224,6 @@ class Acceptor:
         if self.accepting:
             for listener in self.listeners:
                 self.selector.register(listener.sock, READ, listener)
-            log.info("accepting connections again")
 
     def add_connection(self, sock: socket.socket, peer) -> Connection:
         sock.setblocking(False)
@@ -266,8 +271,10 @@ class Acceptor:
 
     def _enqueue(self, conn: Connection, kind: int, payload: bytes, count: int) -> None:
         queue = conn.queue
-        if kind == ipc.SERIAL and queue and queue[-1].kind == ipc.SERIAL:
-            tail = queue[-1]  # still waiting: grow it, so a backlog goes to a worker in one piece
+        tail = queue[-1] if queue else None
+        # A waiting serial job grows, so a backlog goes to a worker in one piece; only when the
+        # new lines follow it directly (a FrameTooLarge answered here takes a seq in between).
+        if kind == ipc.SERIAL and tail is not None and tail.kind == ipc.SERIAL and tail.first + tail.count == conn.next_seq:
             tail.payload += payload
             tail.count += count
         else:

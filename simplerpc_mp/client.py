@@ -17,7 +17,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from .errors import RemoteError
+from .errors import MalformedPayload, RemoteError
 from .protocol import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, decode_frame, encode_frame, split_lines
 
 __all__ = ["Client", "ClientHandler"]
@@ -75,20 +75,28 @@ class Client:
         self._fail_callback: Callable = _nop
         self._selector = selectors.DefaultSelector()
         self.connected = False
+        self._connect_reported = True
         if connect:
-            self.connect()
+            self._open()
+            # The seed registers on_connect after constructing the client: report the connection
+            # from the client's loop (start, poll, call), as its asyncore client did.
+            self._connect_reported = False
 
     # -- set-up ------------------------------------------------------------------------------
 
     def connect(self) -> "Client":
+        """Connect (for a client made with ``connect=False``); the connect callback runs now."""
+        self._open()
+        self._connect_callback()
+        return self
+
+    def _open(self) -> None:
         sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         self.sock = sock
         self._selector.register(sock, selectors.EVENT_READ)
         self.connected = True
-        self._connect_callback()
-        return self
 
     def on(self, op: str, fn: Callable) -> Callable:
         """Call ``fn(data)`` for every push of ``op`` from the server."""
@@ -193,6 +201,11 @@ class Client:
     def _read(self, timeout: float | None) -> None:
         if not self.connected:
             raise ConnectionError("connection closed by the server")
+        if not self._connect_reported:
+            # Like the seed's asyncore client: the connect callback runs from the client's loop,
+            # so one registered after the constructor still runs.
+            self._connect_reported = True
+            self._connect_callback()
         if not self._selector.select(timeout):
             return
         try:
@@ -208,7 +221,10 @@ class Client:
             if chunk is None:
                 continue  # an overlong frame from the server: skip it
             for line in split_lines(chunk):
-                self._dispatch(line)
+                try:
+                    self._dispatch(line)
+                except MalformedPayload:
+                    continue  # not a frame: skip it, and keep the lines after it in step
 
     def _dispatch(self, line: bytes) -> None:
         op, data = decode_frame(line)

@@ -148,6 +148,8 @@ def encode_frame(op: str, data: dict) -> bytes:
     """One frame as bytes. Raises ``TypeError``/``ValueError`` for data JSON cannot encode."""
     if not op or "{" in op or "\n" in op:
         raise ValueError(f"invalid op name {op!r}: must be non-empty, without '{{' or newline")
+    if not isinstance(data, dict):
+        raise TypeError(f"the data of a frame must be a dict (a JSON object), not {type(data).__name__}")
     return b"%s%s\n" % (op.encode("utf-8"), _dumps(data).encode("utf-8"))
 
 

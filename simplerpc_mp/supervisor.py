@@ -131,8 +131,6 @@ class Pool:
         board = self.ctx.RawArray("q", ipc.BOARD_SLOTS)
         worker_id = self.next_worker_id
         self.next_worker_id += 1
-        options = dict(settings.handler_options)
-        options["default_timeout"] = settings.timeout
         log_settings = {
             "log_level": settings.log_level,
             "log_format": settings.log_format,
@@ -141,7 +139,8 @@ class Pool:
         }
         process = self.ctx.Process(
             target=worker_main,
-            args=(theirs, board, self.handlers_spec, options, worker_id, log_settings, os.getpid()),
+            args=(theirs, board, self.handlers_spec, dict(settings.handler_options), settings.timeout,
+                  worker_id, log_settings, os.getpid()),
             name=f"simplerpc-mp-worker-{worker_id}",
             daemon=True,  # multiprocessing's atexit then ends it too, whatever happens to us
         )

@@ -34,7 +34,8 @@ FLUSH_AFTER_S = 0.002
 _SESSION_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
-def worker_main(sock, board, handlers_spec, options: dict, worker_id: int, log_settings: dict, parent_pid: int) -> None:
+def worker_main(sock, board, handlers_spec, options: dict, default_timeout: float, worker_id: int,
+                log_settings: dict, parent_pid: int) -> None:
     """Entry point of a worker process (called in the child)."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
@@ -52,7 +53,7 @@ def worker_main(sock, board, handlers_spec, options: dict, worker_id: int, log_s
     except Exception as exc:  # an on_start function failed: same outcome as a broken import
         _boot_failed(pipe, f"on_start function failed: {type(exc).__name__}: {exc}")
     pipe.send_bytes(ipc.pack((ipc.HELLO, os.getpid(), handlers.describe())))
-    Worker(pipe, board, handlers, options.get("default_timeout", 0.0), log_settings.get("access_log", False)).run()
+    Worker(pipe, board, handlers, default_timeout, log_settings.get("access_log", False)).run()
 
 
 def _boot_failed(pipe: Connection, message: str) -> None:
@@ -178,11 +179,10 @@ class Worker:
                 result = self.any_fn(conn, op, data)
             else:
                 raise UnknownOpcode(f"no handler for op {op!r}")
-            if type(result) is not dict:
-                if result is None:
-                    result = conn.okay_data if conn.okay_data is not None else {}
-                else:
-                    result = {"result": result}
+            if result is None:
+                result = conn.okay_data if conn.okay_data is not None else {}
+            if type(result) is not dict and not isinstance(result, dict):
+                result = {"result": result}
             answer = encode_okay(result)
         except SimpleRPCException as exc:
             answer = encode_fail(exc.reason, str(exc))
