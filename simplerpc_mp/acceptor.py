@@ -346,8 +346,6 @@ class Acceptor:
             conn.queue.insert(index, rest)
         elif job.kind in (ipc.CONNECT, ipc.DISCONNECT) and from_line == 0:
             conn.queue.appendleft(Job(conn, job.kind, job.first, 0, b""))
-            if job.kind == ipc.DISCONNECT:
-                conn.disconnect_queued = False
 
     # -- answers and pushes ----------------------------------------------------------------
 

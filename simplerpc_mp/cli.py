@@ -1,20 +1,28 @@
-"""The ``simplerpc-mp`` command (typer): serve, check, call. A thin layer over the package.
+"""The ``simplerpc-mp`` command (typer): serve, check, call, bench, settings. A thin layer.
 
 The ``serve`` and ``check`` options are generated from ``config.SETTINGS``, so every setting
 is a flag (``max_requests`` -> ``--max-requests``) without being spelled out here again.
 Runs in the user's shell process; ``serve`` becomes the acceptor process.
+
+Exit codes: 0 success; 1 ``call`` got FAIL (or ``bench`` saw answers out of order), or the
+server could not listen; 2 bad configuration or usage (typer's own errors too); 3 the handler
+module cannot be loaded (``serve``, ``check``) or no answer came (``call``, ``bench``);
+4 the workers kept dying during start-up.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from rich.markup import escape
+from rich.text import Text
 
-from .config import SETTINGS, ConfigError, Settings, resolve
+from .config import CONFIG_ENV, SETTINGS, ConfigError, Settings, render_default_toml, render_markdown, resolve, where_from
 from .logs import configure_logging
 
 __all__ = ["app", "main"]
@@ -27,9 +35,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-EXIT_CONFIG = 2
 EXIT_CALL_FAILED = 1
+EXIT_CONFIG = 2
 EXIT_NO_ANSWER = 3
+EXIT_HANDLERS = 3  # as server.EXIT_HANDLERS
+# `check` gives the handler module this long to import before calling it hung.
+IMPORT_TIMEOUT_S = 60.0
 
 
 def _fail(message: str, code: int) -> None:
@@ -44,24 +55,32 @@ def _settings_from(values: dict, config: Optional[str]) -> Settings:
         _fail(str(exc), EXIT_CONFIG)
 
 
+def _setting_help(setting) -> str:
+    default = json.dumps(setting.default) if setting.type is not bool else ("true" if setting.default else "false")
+    accepts = f" One of: {', '.join(setting.choices)}." if setting.choices else ""
+    # Escaped: typer renders help as rich markup, where "[default: ...]" would vanish as a tag.
+    return escape(f"{setting.help}{accepts} [default: {default}] [env: {setting.env}]")
+
+
 def _with_setting_options(fn):
     """Give ``fn(config, **settings)`` one option per setting, from the table."""
     params = [
         inspect.Parameter(
             "config",
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(None, "--config", "-c", help="TOML config file (also SIMPLERPC_MP_CONFIG)."),
+            default=typer.Option(None, "--config", "-c", help=escape(f"TOML config file. [env: {CONFIG_ENV}]")),
             annotation=Optional[str],
         )
     ]
     for setting in SETTINGS:
         flags = (f"{setting.flag}/--no-{setting.flag[2:]}",) if setting.type is bool else (setting.flag,)
-        extra = f" [default: {setting.default!r}; env {setting.env}]"
         params.append(
             inspect.Parameter(
                 setting.name,
                 inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(None, *flags, help=setting.help + extra, show_default=False, rich_help_panel=setting.section),
+                default=typer.Option(
+                    None, *flags, help=_setting_help(setting), show_default=False, rich_help_panel=setting.section.title()
+                ),
                 annotation=Optional[setting.type],
             )
         )
@@ -70,25 +89,60 @@ def _with_setting_options(fn):
     return fn
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"simplerpc-mp {version('simplerpc-mp')}")
+        except PackageNotFoundError:
+            typer.echo("simplerpc-mp (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Serve the simplerpc line protocol from a pool of worker processes."""
+
+
+# -- serve -------------------------------------------------------------------------------------
+
 @app.command()
 @_with_setting_options
 def serve(config: Optional[str] = None, **values) -> None:
-    """Run the server: an acceptor process and a pool of workers running your handlers."""
+    """Run the server: an acceptor process and a pool of workers running your handlers.
+
+    Settings come from the flags, the SIMPLERPC_MP_* environment, the config file and the
+    defaults, in that order. SIGTERM stops gracefully, SIGHUP reloads the workers.
+    """
+    settings = _settings_from(values, config)
+    try:
+        _configure_logging(settings)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
     from .server import DEMO_HANDLERS, Server, ServerError
 
-    settings = _settings_from(values, config)
-    configure_logging(settings.log_level, settings.log_format, settings.log_file)
     spec = settings.handlers or DEMO_HANDLERS
 
     def announce(server: Server) -> None:
         host, port = server.address
         typer.echo(
-            f"simplerpc-mp listening on {host}:{port} (workers: {settings.worker_count}, pid {_pid()}, "
+            f"simplerpc-mp listening on {host}:{port} (workers: {settings.worker_count}, pid {os.getpid()}, "
             f"handlers: {spec}, config: {settings.config_file or '-'})"
         )
         sys.stdout.flush()
 
-    server = Server(settings=settings, handlers=spec, on_ready=announce)
+    def reload_settings() -> Settings:
+        """Called by the server on SIGHUP (in its loop): the same layers, read again."""
+        new = resolve(cli=values, config_path=config)
+        old = server.settings
+        if any(getattr(new, name) != getattr(old, name) for name in _LOG_SETTINGS):
+            _configure_logging(new)
+        return new
+
+    server = Server(settings=settings, handlers=spec, on_ready=announce, settings_loader=reload_settings)
     try:
         code = server.start()
     except ServerError as exc:
@@ -96,36 +150,95 @@ def serve(config: Optional[str] = None, **values) -> None:
     raise typer.Exit(code)
 
 
+_LOG_SETTINGS = ("log_level", "log_format", "log_file")
+
+
+def _configure_logging(settings: Settings) -> None:
+    """The acceptor's logging (workers set up their own); ``ConfigError`` if log_file can't be opened."""
+    try:
+        configure_logging(settings.log_level, settings.log_format, settings.log_file)
+    except OSError as exc:
+        where = where_from(settings.sources["log_file"], "log_file")
+        raise ConfigError(f"{where}: cannot open {settings.log_file!r}: {exc.strerror or exc}") from None
+
+
+# -- check -------------------------------------------------------------------------------------
+
 @app.command()
 @_with_setting_options
 def check(config: Optional[str] = None, **values) -> None:
-    """Validate the settings and import the handlers in a fresh process; print where each value came from."""
+    """Validate the settings and import the handlers in a fresh process; print each value and its source.
+
+    Exit 0 when the server would start with these settings, 2 for bad settings, 3 when the
+    handler module cannot be loaded. The output is valid TOML.
+    """
     settings = _settings_from(values, config)
     from .server import DEMO_HANDLERS
 
     spec = settings.handlers or DEMO_HANDLERS
+    typer.echo(f"# config file: {settings.config_file or '-'}")
+    width = max(len(s.name) for s in SETTINGS)
+
+    def show(name: str, key: str) -> None:
+        source = settings.sources[name]
+        comment = "default" if source == "default" else "from " + source
+        typer.echo(f"{key:<{width}} = {_toml(getattr(settings, name)):<24} # {comment}")
+
+    # With options, the handlers go in the table form at the end (TOML refuses both forms).
+    table_form = bool(settings.handler_options)
     for setting in SETTINGS:
-        typer.echo(f"{setting.name:<22} = {getattr(settings, setting.name)!r:<24} ({settings.sources[setting.name]})")
-    error = _import_in_fresh_process(spec)
+        if not (table_form and setting.name == "handlers"):
+            show(setting.name, setting.name)
+    if table_form:
+        typer.echo("\n[handlers]")
+        show("handlers", "module")
+        typer.echo("[handlers.options]")
+        for key, value in settings.handler_options.items():
+            typer.echo(f"{_toml_key(key)} = {_toml(value)}")
+    error, summary = _import_in_fresh_process(spec)
     if error:
-        _fail(error, 3)
-    typer.echo(f"handlers {spec!r}: OK")
+        _fail(error, EXIT_HANDLERS)
+    typer.echo(f"# handlers {spec}: OK ({summary})")
 
 
-def _import_in_fresh_process(spec: str) -> str:
+def _toml(value: Any) -> str:
+    """A value as TOML (inline for tables), for the output of ``check``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value) if not hasattr(value, "isoformat") else value.isoformat()
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
+
+
+def _import_in_fresh_process(spec: str) -> tuple[str, str]:
+    """``(error, summary)``: import the handlers in a spawned process, like a worker would."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_try_import, args=(spec, child))
+    process = ctx.Process(target=_try_import, args=(spec, child), name="simplerpc-mp check")
     process.start()
     child.close()
     try:
-        message = parent.recv()
+        if parent.poll(IMPORT_TIMEOUT_S):
+            return parent.recv()
+        return f"importing handler module {spec!r} took more than {IMPORT_TIMEOUT_S:g}s", ""
     except EOFError:
-        message = f"the process importing {spec!r} died (exit code {process.exitcode})"
-    process.join()
-    return message
+        process.join(5)
+        return f"the process importing {spec!r} died (exit code {process.exitcode})", ""
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+        parent.close()
 
 
 def _try_import(spec: str, pipe) -> None:
@@ -135,9 +248,34 @@ def _try_import(spec: str, pipe) -> None:
     try:
         handlers = load_handlers(spec)
     except HandlerLoadError as exc:
-        pipe.send(str(exc))
+        pipe.send((str(exc), ""))
         return
-    pipe.send("" if handlers is not None else "no handlers")
+    ops = sorted(handlers.ops)
+    hooks = [name for name, fn in (("on_any", handlers.any_fn), ("on_connect", handlers.connect_fn),
+                                   ("on_disconnect", handlers.disconnect_fn)) if fn is not None]
+    if handlers.start_fns:
+        hooks.append(f"{len(handlers.start_fns)} on_start")
+    summary = f"{len(ops)} ops: {', '.join(ops) or '-'}" + (f"; {', '.join(hooks)}" if hooks else "")
+    pipe.send(("", summary))
+
+
+# -- call --------------------------------------------------------------------------------------
+
+def _address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        _fail(f"address must be HOST:PORT, got {address!r}", EXIT_CONFIG)
+    return host.strip("[]"), int(port)
+
+
+def _json_object(text: str, what: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        _fail(f"{what} is not valid JSON: {exc}", EXIT_CONFIG)
+    if not isinstance(value, dict):
+        _fail(f"{what} must be a JSON object, got {text.strip()[:40]!r}", EXIT_CONFIG)
+    return value
 
 
 @app.command()
@@ -145,56 +283,223 @@ def call(
     address: str = typer.Argument(..., help="HOST:PORT of the server."),
     op: str = typer.Argument(..., help="The op to call."),
     data: str = typer.Argument("{}", help="A JSON object, or - to read it from standard input."),
-    timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the answer."),
-    pushes: bool = typer.Option(False, "--pushes", help="Also print the pushes received, one JSON line each."),
+    timeout: float = typer.Option(10.0, "--timeout", min=0.0, help="Seconds to wait for the connection and for the answer (0 = forever)."),
+    pushes: bool = typer.Option(False, "--pushes", help='Also print each push received before the answer: {"push": OP, "data": {...}}.'),
 ) -> None:
-    """Send one RPC and print its answer as JSON; exit 1 on FAIL, 3 when no answer came."""
+    """Send one RPC and print its answer as JSON.
+
+    OKAY prints its data and exits 0; FAIL prints {"FAIL": {"reason": ..., "message": ...}} and
+    exits 1; no answer (refused, closed, timed out) exits 3.
+    """
     from .client import Client
     from .errors import RemoteError
 
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        _fail(f"address must be HOST:PORT, got {address!r}", EXIT_CONFIG)
-    text = sys.stdin.read() if data == "-" else data
+    host, port = _address(address)
+    payload = _json_object(sys.stdin.read() if data == "-" else data, "data")
+    if not op or "{" in op or "\n" in op:
+        _fail(f"invalid op name {op!r}: must be non-empty, without '{{' or newline", EXIT_CONFIG)
     try:
-        payload = json.loads(text)
-    except ValueError as exc:
-        _fail(f"data is not valid JSON: {exc}", EXIT_CONFIG)
-    if not isinstance(payload, dict):
-        _fail("data must be a JSON object", EXIT_CONFIG)
-    try:
-        client = Client(host, int(port), connect_timeout=timeout)
+        client = Client(host, port, connect_timeout=timeout or None)
     except OSError as exc:
         _fail(f"cannot connect to {address}: {exc.strerror or exc}", EXIT_NO_ANSWER)
     with client:
         if pushes:
-            _print_pushes(client)
+            client.handler = _PushPrinter(client.handler)
         try:
-            answer = client.call(op, payload, timeout=timeout)
+            answer = client.call(op, payload, timeout=timeout or None)
         except RemoteError as exc:
             typer.echo(json.dumps({"FAIL": {"reason": exc.reason, "message": exc.message}}))
             raise typer.Exit(EXIT_CALL_FAILED)
         except (TimeoutError, ConnectionError) as exc:
-            _fail(f"no answer to {op!r}: {exc}", EXIT_NO_ANSWER)
+            _fail(f"{address}: {exc}", EXIT_NO_ANSWER)
     typer.echo(json.dumps(answer))
 
 
-def _print_pushes(client) -> None:
-    original = client.handler
+class _PushPrinter:
+    """Wraps a client's handler to print every push, one JSON line each."""
 
-    def show(c, op, data):
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, client, op: str, data: dict) -> None:
         if op not in ("OKAY", "FAIL"):
             typer.echo(json.dumps({"push": op, "data": data}))
-        original(c, op, data)
-
-    client.handler = show
+        self.inner(client, op, data)
 
 
-def _pid() -> int:
-    import os
+# -- bench -------------------------------------------------------------------------------------
 
-    return os.getpid()
+@app.command()
+def bench(
+    address: str = typer.Argument(..., help="HOST:PORT of the server."),
+    conns: int = typer.Option(16, "--conns", min=1, help="Connections."),
+    depth: int = typer.Option(8, "--depth", min=1, help="RPCs kept in flight on each connection."),
+    duration: float = typer.Option(10.0, "--duration", min=0.001, help="Seconds of measured load."),
+    warmup: float = typer.Option(0.0, "--warmup", min=0.0, help="Seconds of load before measuring."),
+    op: str = typer.Option("echo", "--op", help="The op to call."),
+    data: str = typer.Option("{}", "--data", help='The JSON object to send (a "seq" field is added to each RPC).'),
+    verify: Optional[bool] = typer.Option(
+        None, "--verify/--no-verify", show_default=False,
+        help="Check that each OKAY equals the request (echo handlers); on by default for --op echo."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object, for scripts."),
+) -> None:
+    """Load a running server with pipelined RPCs and report throughput, latency and FAILs.
+
+    Exit 0, or 1 when answers came out of order or failed --verify, 3 when the server could not
+    be reached or answered nothing.
+    """
+    from .loadgen import check_echo, run_load
+
+    host, port = _address(address)
+    payload = _json_object(data, "--data")
+    if "seq" in payload:
+        _fail('--data must not have a "seq" key: bench puts one in every RPC', EXIT_CONFIG)
+    if verify is None:
+        verify = op == "echo"
+    live = _LiveLine(enabled=not as_json)
+    try:
+        with live:
+            result = run_load(host, port, conns=conns, depth=depth, duration=duration, op=op, data=payload,
+                              check=check_echo if verify else None, warmup=warmup, progress=live.update)
+    except (OSError, ValueError) as exc:
+        code = EXIT_CONFIG if isinstance(exc, ValueError) else EXIT_NO_ANSWER
+        _fail(f"bench {address}: {getattr(exc, 'strerror', None) or exc}", code)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    summary = _bench_summary(address, op, conns, depth, duration, result)
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        _print_bench_table(summary)
+    if result.answered == 0:
+        raise typer.Exit(EXIT_NO_ANSWER)
+    if result.order_errors:
+        raise typer.Exit(EXIT_CALL_FAILED)
+
+
+class _LiveLine:
+    """A progress line on stderr (when it is a terminal), updated once a second by run_load."""
+
+    def __init__(self, enabled: bool):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.enabled = enabled and self.console.is_terminal
+        self.live = None
+        self.seen = 0  # latencies already shown
+        self.last_update = 0.0
+
+    def __enter__(self) -> "_LiveLine":
+        if self.enabled:
+            from rich.live import Live
+
+            self.live = Live("connecting...", console=self.console, transient=True, auto_refresh=False)
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+    def update(self, result) -> None:
+        """Called by run_load about once a second; shows the last interval, so it stays cheap."""
+        if self.live is None:
+            return
+        import time
+
+        now = time.monotonic()
+        fresh = sorted(result.latencies[self.seen:])
+        interval = now - self.last_update if self.last_update else 0.0
+        rate = len(fresh) / interval if interval > 0 else result.rate()
+        p99 = fresh[min(len(fresh) - 1, int(0.99 * len(fresh)))] * 1000 if fresh else 0.0
+        self.seen, self.last_update = len(result.latencies), now
+        self.live.update(
+            Text(f"{result.elapsed:6.1f}s  {rate:10.0f} RPCs/s  answered {result.answered}  "
+                 f"FAIL {sum(result.fails.values())}  p99 {p99:.2f} ms (last second)"),
+            refresh=True,
+        )
+
+
+def _bench_summary(address: str, op: str, conns: int, depth: int, duration: float, result) -> dict:
+    ms = 1000.0
+    return {
+        "address": address,
+        "op": op,
+        "conns": conns,
+        "depth": depth,
+        "duration": duration,
+        "elapsed": round(result.elapsed, 6),
+        "sent": result.sent,
+        "answered": result.answered,
+        "okay": result.okay,
+        "fail": sum(result.fails.values()),
+        "fails": dict(sorted(result.fails.items())),
+        "order_errors": result.order_errors,
+        "pushes": result.pushes,
+        "rate": round(result.rate(), 3),
+        "latency_ms": {
+            "p50": round(result.percentile(50) * ms, 4),
+            "p90": round(result.percentile(90) * ms, 4),
+            "p99": round(result.percentile(99) * ms, 4),
+            "max": round(max(result.latencies, default=0.0) * ms, 4),
+        },
+    }
+
+
+def _print_bench_table(summary: dict) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    latency = summary["latency_ms"]
+    console = Console()
+    console.print(
+        f"bench {escape(summary['address'])}: op {escape(summary['op'])}, {summary['conns']} conns x depth "
+        f"{summary['depth']}, {summary['elapsed']:.2f}s", highlight=False,
+    )
+    table = Table(box=box.SIMPLE, show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("unit")
+    rows = [
+        ("throughput", f"{summary['rate']:.0f}", "RPCs/s"),
+        ("sent", summary["sent"], "RPCs"),
+        ("answered", summary["answered"], "RPCs"),
+        ("OKAY", summary["okay"], ""),
+        ("FAIL", summary["fail"], ""),
+        ("order errors", summary["order_errors"], ""),
+        ("pushes", summary["pushes"], ""),
+        *((f"latency {key}", f"{latency[key]:.3f}", "ms") for key in ("p50", "p90", "p99", "max")),
+    ]
+    for name, value, unit in rows:
+        table.add_row(name, str(value), unit)
+    for reason, count in summary["fails"].items():
+        table.add_row(f"FAIL {escape(reason)}", str(count), "")
+    console.print(table)
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+@app.command()
+def settings(
+    format: str = typer.Option("toml", "--format", help="toml (a config file with every default) or markdown (the reference)."),
+) -> None:
+    """Print every setting with its default: as a config file to start from, or as the reference."""
+    if format == "toml":
+        typer.echo(render_default_toml(), nl=False)
+    elif format == "markdown":
+        typer.echo(render_markdown(), nl=False)
+    else:
+        _fail(f"--format: expected toml or markdown, got {format!r}", EXIT_CONFIG)
 
 
 def main() -> None:
-    app()
+    # Spawned workers re-import the parent's __main__ unless it is a package's __main__ module.
+    # Run as the console script, that would import this CLI (typer, rich) into every worker for
+    # nothing: name our own __main__ so multiprocessing skips it.
+    import importlib.machinery
+
+    main_module = sys.modules["__main__"]
+    if getattr(main_module, "__spec__", None) is None:
+        main_module.__spec__ = importlib.machinery.ModuleSpec("simplerpc_mp.__main__", None)
+    app(prog_name="simplerpc-mp")

@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 __all__ = [
     "Setting", "SETTINGS", "SETTINGS_BY_NAME", "Settings", "ConfigError", "ENV_PREFIX", "CONFIG_ENV",
-    "resolve", "load_toml", "render_default_toml", "render_markdown",
+    "resolve", "load_toml", "where_from", "render_default_toml", "render_markdown",
 ]
 
 ENV_PREFIX = "SIMPLERPC_MP_"
@@ -85,18 +85,19 @@ class Setting:
         Text (environment, flags) is parsed; values from TOML must already have the right type,
         except that an integer is accepted where a number is expected.
         """
+        given = value
         if isinstance(value, str) and self.type is not str:
             value = _parse_text(value, self.type)
         if self.type is float and type(value) is int:
             value = float(value)
         if type(value) is not self.type:
-            raise ConfigError(f"{source}: expected {self.expected}, got {_show(value)}")
+            raise ConfigError(f"{source}: expected {self.expected}, got {_show(given)}")
         if self.choices is not None:
             value = value.lower()
             if value not in self.choices:
-                raise ConfigError(f"{source}: expected {self.expected}, got {_show(value)}")
+                raise ConfigError(f"{source}: expected {self.expected}, got {_show(given)}")
         if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
-            raise ConfigError(f"{source}: expected {self.expected}, got {_show(value)}")
+            raise ConfigError(f"{source}: expected {self.expected}, got {_show(given)}")
         return value
 
 
@@ -196,17 +197,19 @@ Settings.__module__ = __name__  # so that pickle finds it (make_dataclass's modu
 
 
 def _check_together(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
-    """Rules that involve two settings."""
+    """Rules that involve two settings; the message blames the one the user set."""
     soft, hard = values["output_soft_limit"], values["output_hard_limit"]
     if soft > hard:
-        where = sources.get("output_soft_limit", "setting output_soft_limit")
-        raise ConfigError(
-            f"{_where(where, 'output_soft_limit')}: expected at most output_hard_limit ({hard}), got {soft}"
-        )
+        if sources.get("output_soft_limit", "default") == "default" and sources.get("output_hard_limit", "default") != "default":
+            where = where_from(sources["output_hard_limit"], "output_hard_limit")
+            raise ConfigError(f"{where}: expected at least output_soft_limit ({soft}), got {hard}")
+        where = where_from(sources.get("output_soft_limit", "default"), "output_soft_limit")
+        raise ConfigError(f"{where}: expected at most output_hard_limit ({hard}), got {soft}")
 
 
-def _where(source: str, name: str) -> str:
-    """A source label (as kept in ``Settings.sources``) as the start of an error message."""
+def where_from(source: str, name: str) -> str:
+    """A source label (as kept in ``Settings.sources``) as the start of an error message:
+    ``"$SIMPLERPC_MP_X"`` -> ``"environment variable SIMPLERPC_MP_X"``, a path -> ``"PATH: key NAME"``."""
     if source.startswith("$"):
         return "environment variable " + source[1:]
     if source.startswith("--"):
@@ -248,10 +251,10 @@ def load_toml(path: str) -> tuple[dict, dict]:
         setting = SETTINGS_BY_NAME.get(key)
         if setting is None:
             kind = "table" if isinstance(value, dict) else "key"
-            raise ConfigError(
-                f"{path}: unknown {kind} {key}{_suggest(key, SETTINGS_BY_NAME)}; "
-                f"expected one of the settings (see `simplerpc-mp serve --help`) or a [handlers] table"
+            hint = _suggest(key, SETTINGS_BY_NAME) or (
+                "; expected a setting (listed by `simplerpc-mp settings`) or the [handlers] table"
             )
+            raise ConfigError(f"{path}: unknown {kind} {key}{hint}")
         values[key] = setting.convert(value, f"{path}: key {key}")
     return values, options
 
@@ -347,7 +350,7 @@ def _check_env_names(env: Mapping[str, str]) -> None:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int) and value >= 10000:
+    if isinstance(value, int) and value >= 100_000:
         return f"{value:_}"
     if isinstance(value, str):
         return json.dumps(value)  # a TOML basic string for the plain values used here
@@ -397,8 +400,10 @@ def render_markdown() -> str:
         "|---|---|---|---|---|",
     ]
     for s in SETTINGS:
-        default = _toml_value(s.default)
-        lines.append(f"| `{s.name}` | `{default}` | `{s.flag}` `{s.env}` | {s.expected} | {s.help} |")
+        default = f"`{_toml_value(s.default)}`"
+        if s.type is int and s.default >= MiB and s.default % MiB == 0:
+            default += f" ({s.default // MiB} MiB)"
+        lines.append(f"| `{s.name}` | {default} | `{s.flag}` `{s.env}` | {s.expected} | {s.help} |")
     lines += [
         "",
         "Booleans in the environment accept `1/true/yes/on` and `0/false/no/off`; on the command line",

@@ -172,6 +172,9 @@ def load_handlers(spec: str) -> Handlers:
     try:
         module = importlib.import_module(module_name)
     except BaseException as exc:  # a broken module may raise anything, SystemExit included
+        if isinstance(exc, ModuleNotFoundError) and exc.name and (module_name + ".").startswith(exc.name + "."):
+            # The module itself (or its package) is not there: no file:line to show.
+            raise HandlerLoadError(f"cannot import handler module {module_name!r}: no module named {exc.name!r}") from None
         raise HandlerLoadError(f"cannot import handler module {module_name!r}: {_describe(exc)}") from None
     handlers = getattr(module, attr, None)
     if not isinstance(handlers, Handlers):
@@ -192,7 +195,7 @@ def _describe(exc: BaseException) -> str:
         tb, last = exc.__traceback__, None
         while tb is not None:
             filename = tb.tb_frame.f_code.co_filename
-            if not filename.startswith("<frozen") and filename != __file__:
+            if not filename.startswith("<frozen") and filename != __file__ and "importlib" not in filename:
                 last = tb
             tb = tb.tb_next
         if last is not None:

@@ -282,6 +282,8 @@ class Server:
         self._finish_stop()
 
     def _finish_stop(self) -> None:
+        if self._done:
+            return
         if self._graceful_timer is not None:
             self._graceful_timer.cancel()
         self._close_connections()

@@ -40,7 +40,11 @@ MAX_BATCHES_PER_WORKER = 2
 RECV_BYTES = 1024 * 1024
 # After SIGUSR1 (stack dump) a timed-out worker gets this long before SIGKILL.
 DUMP_GRACE_S = 0.2
-# Crash-loop protection for workers that die before they finish booting.
+# A worker with a batch still running is sent another only if its current RPC started less
+# than this long ago: work must not queue behind a long (or hung) RPC while a worker frees up.
+PREFETCH_MAX_AGE_NS = 20_000_000
+# Crash-loop protection for workers that die before they finish booting, or this soon after.
+EARLY_DEATH_S = 1.0
 BOOT_FAILURES_FATAL = 5
 BOOT_BACKOFF_FIRST_S = 0.1
 BOOT_BACKOFF_MAX_S = 5.0
@@ -71,7 +75,7 @@ class WorkerHandle:
     __slots__ = (
         "worker_id", "process", "pid", "sock", "board", "reader", "wbuf", "jobs", "batches", "load",
         "booted", "accepting", "stopping", "dead", "lines_sent", "max_lines", "generation",
-        "check_timer", "timed_out", "boot_error", "retire_reason", "kill_timer",
+        "check_timer", "timed_out", "boot_error", "retire_reason", "kill_timer", "replace_pending", "booted_at",
     )
 
     def __init__(self, worker_id: int, process, sock: socket.socket, board, generation: int, max_lines: int):
@@ -97,6 +101,8 @@ class WorkerHandle:
         self.boot_error = ""
         self.retire_reason = ""
         self.kill_timer = None
+        self.replace_pending = False  # to be retired once a replacement has booted
+        self.booted_at = 0.0
 
 
 class Pool:
@@ -167,7 +173,7 @@ class Pool:
         """Bring the number of serving workers to the target (gunicorn's manage_workers)."""
         if self.shutting_down:
             return
-        serving = [w for w in self.workers if w.accepting and w.generation == self.generation]
+        serving = [w for w in self.workers if w.accepting and not w.replace_pending and w.generation == self.generation]
         missing = self.target - len(serving)
         if missing > 0:
             now = time.monotonic()
@@ -193,7 +199,14 @@ class Pool:
         ready = self.acceptor.ready
         if not ready:
             return
-        targets = [w for w in self.workers if w.accepting and w.booted and len(w.batches) < MAX_BATCHES_PER_WORKER]
+        now_ns = time.monotonic_ns()
+        targets = [
+            w for w in self.workers
+            if w.accepting and w.booted and (
+                not w.batches
+                or (len(w.batches) < MAX_BATCHES_PER_WORKER and now_ns - w.board[ipc.BOARD_START_NS] < PREFETCH_MAX_AGE_NS)
+            )
+        ]
         if not targets:
             return
         if len(targets) > 1:
@@ -221,8 +234,8 @@ class Pool:
         self._write(worker, ipc.frame_record(ipc.pack((ipc.BATCH, items))))
         if worker.check_timer is None and self.min_timeout_s > 0:
             worker.check_timer = self.timers.call_later(self.min_timeout_s, self.check_deadline, worker)
-        if worker.max_lines and worker.lines_sent >= worker.max_lines and worker.accepting:
-            self.retire(worker, f"served max_requests ({worker.max_lines})")
+        if worker.max_lines and worker.lines_sent >= worker.max_lines:
+            self.recycle(worker, f"served max_requests ({worker.max_lines})")
 
     def _write(self, worker: WorkerHandle, data: bytes) -> None:
         if worker.wbuf:
@@ -294,21 +307,46 @@ class Pool:
 
     def _on_hello(self, worker: WorkerHandle, info: dict) -> None:
         worker.booted = True
-        self.boot_failures = 0
+        worker.booted_at = time.monotonic()
+        self.timers.call_later(EARLY_DEATH_S, self._survived_start, worker)
         self.acceptor.set_handler_info(info)
         timeouts = [t for t in info["timeouts"].values() if t > 0]
         if self.settings.timeout > 0:
             timeouts.append(self.settings.timeout)
         self.min_timeout_s = min(timeouts) if timeouts else 0.0
         log.info("worker %s booted (pid %s)", worker.worker_id, worker.pid)
-        if worker.generation == self.generation:
-            # During a reload, each new worker that boots replaces one of the old generation.
-            old = [w for w in self.workers if w.generation < self.generation and w.accepting]
-            if old:
-                self.retire(old[0], "replaced by reload")
+        self._hand_over()
         if not self.ever_booted:
             self.ever_booted = True
             self.on_first_boot()
+
+    def _survived_start(self, worker: WorkerHandle) -> None:
+        if not worker.dead:
+            self.boot_failures = 0
+
+    def _hand_over(self) -> None:
+        """Retire outgoing workers (older generation, or recycling) as booted new ones replace them.
+
+        Capacity never drops: an outgoing worker keeps serving until a booted worker of the
+        current generation takes its place.
+        """
+        accepting = [w for w in self.workers if w.accepting]
+        incoming = [w for w in accepting if w.booted and w.generation == self.generation and not w.replace_pending]
+        outgoing = [w for w in accepting if w.generation < self.generation or w.replace_pending]
+        for worker in [w for w in outgoing if not w.booted]:
+            self.retire(worker, "superseded before it booted")  # gives no capacity yet
+        outgoing = [w for w in outgoing if w.booted]
+        for worker in outgoing[: max(0, len(incoming) + len(outgoing) - self.target)]:
+            self.retire(worker, worker.retire_reason or "replaced by reload")
+
+    def recycle(self, worker: WorkerHandle, reason: str, level: int = logging.INFO) -> None:
+        """Replace a worker gracefully: start its replacement now, retire it once that booted."""
+        if worker.replace_pending or not worker.accepting:
+            return
+        worker.replace_pending = True
+        worker.retire_reason = reason
+        log.log(level, "worker %s (pid %s) to be recycled: %s", worker.worker_id, worker.pid, reason)
+        self.manage()
 
     # -- stopping and losing workers --------------------------------------------------------
 
@@ -359,6 +397,11 @@ class Pool:
             running = self._describe_running(worker)
             hint = " (perhaps out of memory?)" if code == -signal.SIGKILL and worker.timed_out is None else ""
             log.error("worker %s (pid %s) died: %s%s%s", worker.worker_id, worker.pid, how, hint, running)
+            if time.monotonic() - worker.booted_at < EARLY_DEATH_S:  # a crash loop after boot
+                self._recover_jobs(worker, how)
+                self._count_start_failure(f"worker died right after booting ({how})")
+                self.manage()
+                return
         self._recover_jobs(worker, how)
         self.manage()
 
@@ -382,28 +425,34 @@ class Pool:
         return ""
 
     def _recover_jobs(self, worker: WorkerHandle, how: str) -> None:
-        """Answer exactly once every RPC the dead worker held: FAIL what ran, requeue the rest."""
+        """Answer exactly once every RPC the dead worker held: FAIL what ran, requeue the rest.
+
+        The worker sends each answer before it starts its next RPC, so after draining its pipe,
+        the RPC on its progress board is the one it died in; every later one never started.
+        """
         if not worker.jobs:
             return
         acceptor = self.acceptor
         running_id, running_line = worker.board[ipc.BOARD_JOB], worker.board[ipc.BOARD_LINE]
-        ids = [job.job_id for job in worker.jobs]
-        # Jobs before the one on the board finished, but their answers were lost with the worker.
-        started = ids.index(running_id) + 1 if running_id in ids else 0
-        crashed = f"worker process died ({how}) before answering"
-        for position, job in enumerate(worker.jobs):
-            if position < started - 1:
-                acceptor.fail_lines(job, job.answered, job.count, WorkerCrashed.__name__, crashed)
-            elif position == started - 1:
-                stuck = min(running_line, job.count - 1) if job.count else 0
-                if worker.timed_out == (job.job_id, running_line) and job.count:
-                    acceptor.fail_lines(job, job.answered, stuck, WorkerCrashed.__name__, crashed)
-                    acceptor.fail_lines(job, stuck, stuck + 1, Timeout.__name__, f"RPC ran longer than its timeout; worker replaced")
-                else:
-                    acceptor.fail_lines(job, job.answered, stuck + 1, WorkerCrashed.__name__, crashed)
-                acceptor.requeue(job, stuck + 1)
+        crashed = f"worker process died ({how}) while running it"
+        reached = False  # past the job on the board: nothing from here on has started
+        for job in worker.jobs:
+            if reached or job.job_id != running_id:
+                if reached or not any(j.job_id == running_id for j in worker.jobs):
+                    acceptor.requeue(job, job.answered)
+                else:  # before the running job: finished, and its answers were lost (rare)
+                    acceptor.fail_lines(job, job.answered, job.count, WorkerCrashed.__name__, crashed)
+                continue
+            reached = True
+            if job.count == 0:
+                continue  # a connect/disconnect hook died: nothing to answer, not re-run
+            stuck = max(job.answered, min(running_line, job.count - 1))
+            acceptor.fail_lines(job, job.answered, stuck, WorkerCrashed.__name__, crashed)
+            if worker.timed_out == (job.job_id, running_line):
+                acceptor.fail_lines(job, stuck, stuck + 1, Timeout.__name__, "RPC ran longer than its timeout; worker replaced")
             else:
-                acceptor.requeue(job, job.answered)
+                acceptor.fail_lines(job, stuck, stuck + 1, WorkerCrashed.__name__, crashed)
+            acceptor.requeue(job, stuck + 1)
         jobs = list(worker.jobs)
         worker.jobs.clear()
         for job in jobs:
@@ -424,12 +473,19 @@ class Pool:
             return
         if worker.boot_error and not self.ever_booted:
             raise FatalError(message, 3)
+        self._count_start_failure(f"worker {worker.worker_id} failed to start: {message}")
+
+    def _count_start_failure(self, message: str) -> None:
+        """Back off before the next spawn; give up when failures repeat and nothing serves."""
         self.boot_failures += 1
-        if self.boot_failures >= BOOT_FAILURES_FATAL:
+        now = time.monotonic()
+        serving = any(w.booted and w.accepting and now - w.booted_at >= EARLY_DEATH_S for w in self.workers)
+        if self.boot_failures >= BOOT_FAILURES_FATAL and not serving:
             raise FatalError(f"workers keep failing to start ({self.boot_failures} in a row): {message}", 4)
+        # While healthy workers still serve (say after a bad deploy), keep them and keep trying.
         delay = min(BOOT_BACKOFF_FIRST_S * 2 ** (self.boot_failures - 1), BOOT_BACKOFF_MAX_S)
-        log.error("worker %s failed to start: %s; next try in %.1fs", worker.worker_id, message, delay)
-        self.respawn_after = time.monotonic() + delay
+        log.error("%s; next try in %.1fs", message, delay)
+        self.respawn_after = now + delay
 
     def _has_old_generation(self) -> bool:
         return any(w.generation < self.generation for w in self.workers)
@@ -485,14 +541,14 @@ class Pool:
 
         limit = self.settings.max_worker_memory * 1024 * 1024
         for worker in list(self.workers):
-            if not worker.accepting or worker.dead:
+            if not worker.accepting or worker.replace_pending or worker.dead:
                 continue
             try:
                 rss = psutil.Process(worker.pid).memory_info().rss
             except psutil.Error:
                 continue
             if rss > limit:
-                self.retire(
+                self.recycle(
                     worker,
                     f"RSS {rss / 1048576:.1f} MiB over max_worker_memory ({self.settings.max_worker_memory} MiB)",
                     logging.WARNING,
@@ -514,6 +570,8 @@ class Pool:
         """New workers import the handlers afresh; each old one retires once a new one booted."""
         self.generation += 1
         log.info("reloading: starting %d workers of generation %d", self.target, self.generation)
+        for worker in [w for w in self.workers if w.accepting and not w.booted]:
+            self.retire(worker, "superseded by a newer reload before it booted")
         for _ in range(self.target):
             self.spawn()
 

@@ -26,11 +26,6 @@ from .protocol import decode_frame, encode_fail, encode_okay, split_lines
 
 log = logging.getLogger("simplerpc_mp.worker")
 
-# Answers are sent when a batch ends, or earlier once this long has passed since the last send:
-# fast handlers then pay one pipe write per batch, slow ones don't hold finished answers back,
-# and a crash loses at most this much finished-but-unsent work (those RPCs get WorkerCrashed).
-FLUSH_AFTER_S = 0.002
-
 _SESSION_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
@@ -40,8 +35,9 @@ def worker_main(sock, board, handlers_spec, options: dict, default_timeout: floa
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the acceptor decides when workers stop
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
-    configure_logging(**log_settings)
+    log_stream = configure_logging(**log_settings)
+    # The stack dump before a timeout kill goes where the logs go (the log file, if any).
+    faulthandler.register(signal.SIGUSR1, file=log_stream or sys.stderr, all_threads=True)
     _set_title(f"simplerpc-mp worker {worker_id}")
     pipe = Connection(sock.detach())
     try:
@@ -113,10 +109,18 @@ class Worker:
             send(ipc.pack((ipc.REPLY, replies)))
 
     def run_batch(self, jobs: list, send) -> list:
+        """Run a batch; returns the replies not sent yet (the caller sends them).
+
+        Before each RPC starts, the answers finished so far are sent: an answer never waits for a
+        slower RPC after it, and a worker that dies loses no finished answer, so only the RPC it
+        was running fails. Under load the acceptor reads many of these records in one recv.
+        """
         board = self.board
         replies: list = []
-        last_flush = time.monotonic()
         for job_id, kind, net_id, payload, session_blob in jobs:
+            if replies:
+                send(ipc.pack((ipc.REPLY, replies)))
+                replies = []
             board[ipc.BOARD_LINE] = 0
             board[ipc.BOARD_START_NS] = time.monotonic_ns()
             board[ipc.BOARD_TIMEOUT_MS] = self.default_timeout_ms
@@ -128,28 +132,17 @@ class Worker:
                 replies.append((job_id, 0, 0, b"", pushes, self.session_change(kind, session, session_blob)))
                 continue
             conn = Conn(net_id, session, pushes, read_only=kind == ipc.CONCURRENT)
-            answers: list = []
-            first = 0
             for index, line in enumerate(split_lines(payload)):
-                now = time.monotonic()
-                if now - last_flush > FLUSH_AFTER_S and (answers or replies):
-                    if answers:
-                        change = self.session_change(kind, session, session_blob)
-                        if change is not ipc.UNCHANGED:
-                            session_blob = change
-                        replies.append((job_id, first, len(answers), b"".join(answers), pushes, change))
-                        pushes = conn.pushes = []
-                        answers = []
-                        first = index
-                    send(ipc.pack((ipc.REPLY, replies)))
-                    replies = []
-                    last_flush = now
+                if index:
+                    change = self.session_change(kind, session, session_blob)
+                    if change is not ipc.UNCHANGED:
+                        session_blob = change
+                    send(ipc.pack((ipc.REPLY, [(job_id, index - 1, 1, answer, pushes, change)])))
+                    pushes = conn.pushes = []
                 board[ipc.BOARD_LINE] = index
                 board[ipc.BOARD_START_NS] = time.monotonic_ns()
-                answers.append(self.run_line(conn, line))
-            replies.append(
-                (job_id, first, len(answers), b"".join(answers), pushes, self.session_change(kind, session, session_blob))
-            )
+                answer = self.run_line(conn, line)
+            replies.append((job_id, index, 1, answer, pushes, self.session_change(kind, session, session_blob)))
         board[ipc.BOARD_JOB] = 0
         return replies
 

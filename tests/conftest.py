@@ -141,9 +141,11 @@ class RunningServer:
 
 def _is_worker(process: psutil.Process) -> bool:
     try:
-        return "spawn_main" in " ".join(process.cmdline())
+        command = " ".join(process.cmdline())
     except psutil.Error:
         return False
+    # With the optional setproctitle the title replaces the command line.
+    return "spawn_main" in command or "simplerpc-mp worker" in command
 
 
 @pytest.fixture
