@@ -15,7 +15,7 @@ import inspect
 from collections import deque
 from typing import Callable
 
-from .errors import RemoteError
+from .errors import MalformedPayload, RemoteError
 from .protocol import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, decode_frame, encode_frame, split_lines
 
 __all__ = ["AsyncClient"]
@@ -88,7 +88,10 @@ class AsyncClient:
                 for chunk in self._decoder.feed(data):
                     if chunk is not None:
                         for line in split_lines(chunk):
-                            self._dispatch(line)
+                            try:
+                                self._dispatch(line)
+                            except MalformedPayload:
+                                continue  # not a frame: skip it, keep the answers in step
         except ConnectionError:
             pass
         finally:
@@ -104,7 +107,13 @@ class AsyncClient:
                     future.set_result((op, data))
             return
         for fn in self._push_callbacks.get(op, ()):
-            result = fn(data)
+            try:
+                result = fn(data)
+            except Exception as exc:  # a user callback failed: report it the asyncio way, read on
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": f"push callback for {op!r} failed", "exception": exc}
+                )
+                continue
             if inspect.isawaitable(result):
                 task = asyncio.ensure_future(result)
                 self._tasks.add(task)

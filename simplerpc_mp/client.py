@@ -217,6 +217,7 @@ class Client:
         if not data:
             self.close()
             raise ConnectionError("connection closed by the server")
+        callback_error: BaseException | None = None
         for chunk in self._decoder.feed(data):
             if chunk is None:
                 continue  # an overlong frame from the server: skip it
@@ -225,6 +226,12 @@ class Client:
                     self._dispatch(line)
                 except MalformedPayload:
                     continue  # not a frame: skip it, and keep the lines after it in step
+                except Exception as exc:  # a user callback failed: finish the read, then raise it
+                    if callback_error is None:
+                        callback_error = exc
+        if callback_error is not None:
+            # Every line of this read was matched first, so answers stay in step with calls.
+            raise callback_error
 
     def _dispatch(self, line: bytes) -> None:
         op, data = decode_frame(line)

@@ -174,7 +174,7 @@ def load_handlers(spec: str) -> Handlers:
     except BaseException as exc:  # a broken module may raise anything, SystemExit included
         if isinstance(exc, ModuleNotFoundError) and exc.name and (module_name + ".").startswith(exc.name + "."):
             # The module itself (or its package) is not there: no file:line to show.
-            raise HandlerLoadError(f"cannot import handler module {module_name!r}: no module named {exc.name!r}") from None
+            raise HandlerLoadError(f"cannot import handler module {module_name!r}: ModuleNotFoundError: {exc}") from None
         raise HandlerLoadError(f"cannot import handler module {module_name!r}: {_describe(exc)}") from None
     handlers = getattr(module, attr, None)
     if not isinstance(handlers, Handlers):

@@ -128,6 +128,7 @@ class Server:
 
         Raises ``ServerError`` when the handlers can't be loaded or the workers keep dying.
         """
+        self._check_handlers_picklable()
         self.listen()
         selector = self._selector
         self.pool = Pool(self.settings, self.handlers_spec, selector, self.timers, self.acceptor, self._on_first_boot)
@@ -147,6 +148,19 @@ class Server:
             self.acceptor.close_all("server stopped")
             selector.close()
         return self.exit_code
+
+    def _check_handlers_picklable(self) -> None:
+        if isinstance(self.handlers_spec, Handlers):
+            import pickle
+
+            try:
+                pickle.dumps(self.handlers_spec)
+            except (pickle.PicklingError, AttributeError, TypeError) as exc:
+                raise ServerError(
+                    f"cannot send the handlers to the worker processes ({exc}); handlers given as an "
+                    "object must be module-level functions of an importable module or script",
+                    EXIT_HANDLERS,
+                ) from None
 
     def stop(self) -> None:
         """Ask the server to stop gracefully; safe from any thread or a signal handler."""

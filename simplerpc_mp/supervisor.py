@@ -345,7 +345,7 @@ class Pool:
             return
         worker.replace_pending = True
         worker.retire_reason = reason
-        log.log(level, "worker %s (pid %s) to be recycled: %s", worker.worker_id, worker.pid, reason)
+        log.log(level, "worker %s (pid %s) retiring: %s (once its replacement has booted)", worker.worker_id, worker.pid, reason)
         self.manage()
 
     # -- stopping and losing workers --------------------------------------------------------
@@ -397,9 +397,12 @@ class Pool:
             running = self._describe_running(worker)
             hint = " (perhaps out of memory?)" if code == -signal.SIGKILL and worker.timed_out is None else ""
             log.error("worker %s (pid %s) died: %s%s%s", worker.worker_id, worker.pid, how, hint, running)
-            if time.monotonic() - worker.booted_at < EARLY_DEATH_S:  # a crash loop after boot
+            # Dying idle right after booting is a start-up failure (a crash loop), not an RPC's doing.
+            if not worker.jobs and time.monotonic() - worker.booted_at < EARLY_DEATH_S:
                 self._recover_jobs(worker, how)
-                self._count_start_failure(f"worker died right after booting ({how})")
+                self._count_start_failure(
+                    f"worker {worker.worker_id} failed to start: died right after booting ({how})"
+                )
                 self.manage()
                 return
         self._recover_jobs(worker, how)

@@ -1,0 +1,377 @@
+"""The client library against a real server: the blocking ``Client`` (``call``, push callbacks, the
+seed's callback style) and the asyncio ``AsyncClient``. pytest-asyncio is not used: async tests
+are sync tests that call ``asyncio.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from simplerpc_mp import AsyncClient, Client, ClientHandler, RemoteError
+from tests.conftest import RunningServer, wait_until
+
+
+@pytest.fixture(scope="module")
+def server():
+    """One server with tests/handlers/basic.py, shared by the tests that leave it as they found it."""
+    running = RunningServer(["--host", "127.0.0.1", "--port", "0", "--workers", "2", "--handlers", "tests.handlers.basic"])
+    try:
+        yield running.wait_ready()
+    finally:
+        running.kill()
+
+
+def poll_until(client: Client, predicate, timeout: float = 10.0, what: str = "frames"):
+    """Let ``client`` process incoming frames until ``predicate()`` holds."""
+    return wait_until(lambda: client.poll(0.05) or predicate(), timeout, what=what)
+
+
+# -- Client.call -------------------------------------------------------------------------------
+
+
+def test_call_returns_the_okay_dict(server):
+    with Client(server.host, server.port) as client:
+        assert client.call("echo", {"a": [1, {"b": None}], "s": "ü€"}) == {"a": [1, {"b": None}], "s": "ü€"}
+        assert client.call("echo") == {}
+        assert client.call("scalar", {"value": 7}) == {"result": 7}
+        assert client.pending() == 0
+
+
+def test_call_raises_remote_error_with_reason_and_message(server):
+    with Client(server.host, server.port) as client:
+        with pytest.raises(RemoteError) as info:
+            client.call("custom_fail", {"msg": "bad input"})
+        assert (info.value.reason, info.value.message) == ("Custom", "bad input")
+        with pytest.raises(RemoteError) as info:
+            client.call("boom")
+        assert (info.value.reason, info.value.message) == ("Unknown", "Unknown Server Error")
+        with pytest.raises(RemoteError) as info:
+            client.call("no_such_op", {})
+        assert info.value.reason == "UnknownOpcode"
+        # A FAIL does not break the connection.
+        assert client.call("echo", {"ok": 1}) == {"ok": 1}
+
+
+def test_call_timeout_raises_and_the_connection_stays_usable(server):
+    with Client(server.host, server.port) as client:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            client.call("slow", {"s": 0.5, "i": "late"}, timeout=0.1)
+        assert time.monotonic() - started < 0.45
+        # The late answer belongs to the timed-out call: it is dropped, not given to the next one.
+        assert client.call("echo", {"i": "next"}) == {"i": "next"}
+        assert client.call("echo", {"i": "after"}) == {"i": "after"}
+        assert client.pending() == 0
+
+
+def test_push_callbacks_with_on(server):
+    with Client(server.host, server.port) as client:
+        welcomes, notes = [], []
+        client.on("welcome", welcomes.append)  # basic.py pushes welcome{"net_id"} on connect
+        client.on("note", notes.append)
+        net_id = client.call("whoami")["net_id"]
+        assert welcomes == [{"net_id": net_id}]  # it came before the answer, so it is here already
+        client.call("push_self", {"n": 1})
+        client.call("push_self", {"n": 2})
+        poll_until(client, lambda: len(notes) == 2, what="two notes")
+        assert notes == [{"to": "self", "n": 1}, {"to": "self", "n": 2}]
+
+
+def test_pipelined_rpcs_with_callbacks_are_answered_in_order(server):
+    with Client(server.host, server.port) as client:
+        answers = []
+        count = 400  # more than the server's max_inflight (128): sending must not deadlock
+        for i in range(count):
+            op = "custom_fail" if i % 50 == 7 else ("cecho" if i % 2 else "echo")
+            client.rpc(op, {"i": i, "msg": f"m{i}"}, lambda answer_op, data, i=i: answers.append((i, answer_op, data)))
+        poll_until(client, lambda: len(answers) == count, what="every answer")
+        for i, answer_op, data in answers:
+            if i % 50 == 7:
+                assert (answer_op, data) == ("FAIL", {"reason": "Custom", "message": f"m{i}"})
+            else:
+                assert (answer_op, data) == ("OKAY", {"i": i, "msg": f"m{i}"})
+        assert [i for i, _, _ in answers] == list(range(count))
+
+
+# -- the seed's callback style -----------------------------------------------------------------
+
+
+def test_seed_callback_style(server):
+    events = []
+    with Client(server.host, server.port) as client:
+        client.handler.on("welcome", lambda c, data: events.append(("welcome", c is client, data["net_id"])))
+        client.handler.on("OKAY", lambda c, data: events.append(("OKAY", data)))
+        client.handler.on("FAIL", lambda c, data: events.append(("FAIL", data["reason"])))
+        client.on_fail(lambda data: events.append(("on_fail", data["reason"])))
+        client.rpc("echo", {"i": 1})
+        client.rpc("custom_fail", {"msg": "x"})
+        client.send("echo", {"i": 2})  # the seed's other spelling
+        poll_until(client, lambda: len(events) == 5, what="the answers")
+    assert events[0][:2] == ("welcome", True)
+    assert events[1] == ("OKAY", {"i": 1})
+    assert sorted(events[2:4]) == [("FAIL", "Custom"), ("on_fail", "Custom")]  # both hooks see the FAIL
+    assert events[4] == ("OKAY", {"i": 2})
+
+
+def test_seed_handler_object_passed_to_the_constructor(server):
+    handler = ClientHandler()
+    seen = []
+    handler.on("welcome", lambda c, data: seen.append(data))
+    with Client(server.host, server.port, handler) as client:
+        assert client.handler is handler
+        net_id = client.call("whoami")["net_id"]
+        assert seen == [{"net_id": net_id}]
+
+
+def test_connect_and_disconnect_callbacks_with_connect_false(server):
+    events = []
+    client = Client(server.host, server.port, connect=False)
+    client.on_connect(lambda: events.append("connect"))
+    client.on_disconnect(lambda: events.append("disconnect"))
+    client.connect()
+    assert events == ["connect"]
+    assert client.call("echo", {"x": 1}) == {"x": 1}
+    client.close()
+    assert events == ["connect", "disconnect"]
+    client.close()  # idempotent
+    assert events == ["connect", "disconnect"]
+
+
+def test_seed_sample_on_connect_registered_after_construction(server):
+    """The seed's sample builds the client, then registers on_connect, then runs start(): its
+    on_connect callback ran (asyncore reported the connection from inside the loop)."""
+    events = []
+    client = Client(server.host, server.port)
+    try:
+        client.on_connect(lambda: events.append("connect"))
+        client.handler.on("welcome", lambda c, data: events.append("welcome"))
+        poll_until(client, lambda: "welcome" in events, what="welcome")
+    finally:
+        client.close()
+    assert events[0] == "connect" and events.count("connect") == 1
+
+
+def test_start_returns_when_the_server_closes(start_server):
+    """The seed's blocking loop: callbacks run inside ``start()``, which returns once the server
+    has closed the connection (here: a graceful stop asked for from a callback)."""
+    running = start_server("--handlers", "tests.handlers.basic")
+    events = []
+    client = Client(running.host, running.port)
+    client.on_disconnect(lambda: events.append("disconnect"))
+
+    def on_welcome(c, data):
+        events.append("welcome")
+        c.rpc("echo", {"last": True})
+
+    def on_okay(c, data):
+        events.append(("OKAY", data))
+        running.send(signal.SIGTERM)  # the server answers what it has, then closes
+
+    client.handler.on("welcome", on_welcome)
+    client.handler.on("OKAY", on_okay)
+    client.start()
+    assert events == ["welcome", ("OKAY", {"last": True}), "disconnect"]
+    assert not client.connected
+    with pytest.raises(ConnectionError):
+        client.call("echo")
+    assert running.proc.wait(30) == 0
+
+
+def test_call_on_a_closed_connection_raises(start_server):
+    running = start_server("--handlers", "tests.handlers.basic")
+    with Client(running.host, running.port) as client:
+        client.call("echo")
+        running.stop(signal.SIGTERM)
+        with pytest.raises(ConnectionError):
+            client.call("echo", {}, timeout=10)
+
+
+class OneConnectionServer:
+    """A plain listening socket in a thread that answers each line it reads with the next canned
+    bytes: a stand-in for a misbehaving server, which the real one must never be."""
+
+    def __init__(self, replies: list[bytes]):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.replies = replies
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            buffer = b""
+            for reply in self.replies:
+                while b"\n" not in buffer:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                buffer = buffer.split(b"\n", 1)[1]
+                conn.sendall(reply)
+            conn.recv(4096)  # until the client closes
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(10)
+
+
+def test_client_stays_in_step_after_a_malformed_frame_from_the_server():
+    peer = OneConnectionServer([b'note"not an object"\nOKAY{"n":1}\n', b'OKAY{"n":2}\n'])
+    try:
+        with Client(*peer.address) as client:
+            assert client.call("a", {}, timeout=5) == {"n": 1}  # the line before it is skipped
+            assert client.call("b", {}, timeout=5) == {"n": 2}
+    finally:
+        peer.close()
+
+
+def test_client_stays_in_step_when_a_push_callback_raises(server):
+    with Client(server.host, server.port) as client:
+        def buggy(data):
+            raise RuntimeError("bug in the user's callback")
+
+        client.on("note", buggy)
+        try:
+            first = client.call("push_self", {"n": 1}, timeout=5)
+        except RuntimeError:
+            first = None  # surfacing the callback's error is fine; losing the answer after it is not
+        assert first in (None, {})
+        assert client.call("echo", {"x": 1}, timeout=5) == {"x": 1}
+
+
+# -- AsyncClient -------------------------------------------------------------------------------
+
+
+def test_async_call_and_remote_error(server):
+    async def main():
+        async with AsyncClient(server.host, server.port) as client:
+            assert await client.call("echo", {"x": "ü"}) == {"x": "ü"}
+            assert await client.call("scalar") == {"result": 42}
+            with pytest.raises(RemoteError) as info:
+                await client.call("custom_fail", {"msg": "async no"})
+            assert (info.value.reason, info.value.message) == ("Custom", "async no")
+            with pytest.raises(RemoteError) as info:
+                await client.call("nope")
+            assert info.value.reason == "UnknownOpcode"
+            assert await client.call("echo", {"after": True}) == {"after": True}
+
+    asyncio.run(main())
+
+
+def test_async_pipelined_calls_with_gather_come_back_in_order(server):
+    async def main():
+        async with AsyncClient(server.host, server.port) as client:
+            count = 600
+            calls = []
+            for i in range(count):
+                op = ("echo", "cecho", "cslow")[i % 3]
+                data = {"i": i, "s": 0.001} if op == "cslow" else {"i": i}
+                calls.append(client.call(op, data))
+            return await asyncio.gather(*calls)
+
+    results = asyncio.run(main())
+    assert [r["i"] for r in results] == list(range(600))
+    assert all(r == {"i": i} for i, r in enumerate(results) if i % 3 != 2)
+
+
+def test_async_gather_with_failures_mixed_in(server):
+    async def main():
+        async with AsyncClient(server.host, server.port) as client:
+            calls = [
+                client.call("custom_fail", {"msg": str(i)}) if i % 4 == 0 else client.call("echo", {"i": i})
+                for i in range(40)
+            ]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(main())
+    for i, result in enumerate(results):
+        if i % 4 == 0:
+            assert isinstance(result, RemoteError) and (result.reason, result.message) == ("Custom", str(i))
+        else:
+            assert result == {"i": i}
+
+
+def test_async_push_callbacks(server):
+    async def main():
+        async with AsyncClient(server.host, server.port) as client:
+            welcomes, notes = [], asyncio.Queue()
+
+            async def on_note(data):
+                await notes.put(data)
+
+            client.on("welcome", welcomes.append)
+            client.on("note", on_note)
+            net_id = (await client.call("whoami"))["net_id"]
+            await client.call("push_self", {"n": 1})
+            note = await asyncio.wait_for(notes.get(), 10)
+            return welcomes, net_id, note
+
+    welcomes, net_id, note = asyncio.run(main())
+    assert welcomes == [{"net_id": net_id}]
+    assert note == {"to": "self", "n": 1}
+
+
+def test_async_timeout_keeps_the_connection_usable(server):
+    async def main():
+        async with AsyncClient(server.host, server.port) as client:
+            with pytest.raises(asyncio.TimeoutError):
+                await client.call("slow", {"s": 0.4, "i": "late"}, timeout=0.05)
+            assert await client.call("echo", {"i": "next"}) == {"i": "next"}
+
+    asyncio.run(main())
+
+
+def test_async_pending_calls_fail_when_the_server_goes(start_server):
+    running = start_server("--handlers", "tests.handlers.basic")
+
+    async def main():
+        async with AsyncClient(running.host, running.port) as client:
+            await client.call("echo")
+            pending = asyncio.ensure_future(client.call("hang"))
+            await asyncio.sleep(0)  # let the call be sent
+            running.send(signal.SIGQUIT)  # stop now: the hanging RPC is answered ShuttingDown
+            with pytest.raises((RemoteError, ConnectionError)) as info:
+                await asyncio.wait_for(pending, 20)
+            await asyncio.wait_for(client.closed.wait(), 20)
+            with pytest.raises(ConnectionError):
+                await client.call("echo")
+            return info.value
+
+    error = asyncio.run(main())
+    if isinstance(error, RemoteError):
+        assert error.reason == "ShuttingDown"
+
+
+def test_async_client_survives_a_malformed_frame_from_the_server():
+    peer = OneConnectionServer([b'note"not an object"\nOKAY{"n":1}\n', b'OKAY{"n":2}\n'])
+
+    async def main():
+        async with AsyncClient(*peer.address) as client:
+            first = await client.call("a", {}, timeout=5)
+            second = await client.call("b", {}, timeout=5)
+            return first, second
+
+    try:
+        assert asyncio.run(main()) == ({"n": 1}, {"n": 2})
+    finally:
+        peer.close()
+
+
+def test_async_client_survives_a_push_callback_that_raises(server):
+    async def main():
+        async with AsyncClient(server.host, server.port) as client:
+            def buggy(data):
+                raise RuntimeError("bug in the user's callback")
+
+            client.on("note", buggy)
+            await client.call("push_self", {"n": 1}, timeout=5)
+            return await client.call("echo", {"x": 1}, timeout=5)
+
+    assert asyncio.run(main()) == {"x": 1}
