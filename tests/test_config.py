@@ -258,6 +258,9 @@ def test_settings_reference_is_generated_from_the_table():
     assert path.read_text() == render_markdown(), "regenerate: simplerpc-mp settings --format markdown > docs/settings.md"
     for s in SETTINGS:
         assert f"| `{s.name}` |" in path.read_text()
+    # The README's reference is the same text (all but the title).
+    readme = (REPO / "README.md").read_text()
+    assert render_markdown().split("\n", 1)[1].strip("\n") in readme, "copy docs/settings.md into the README's Settings section"
 
 
 def test_production_example_loads():
