@@ -87,7 +87,7 @@ class Connection:
     __slots__ = (
         "net_id", "sock", "peer", "decoder", "queue", "running", "serial_running",
         "next_seq", "write_seq", "done", "session", "wbuf", "state", "events",
-        "last_read", "soft_since", "disconnect_queued",
+        "last_active", "soft_since", "disconnect_queued",
     )
 
     def __init__(self, net_id: int, sock: socket.socket, peer, max_frame_bytes: int, now: float):
@@ -105,7 +105,7 @@ class Connection:
         self.wbuf = bytearray()
         self.state = OPEN
         self.events = READ
-        self.last_read = now
+        self.last_active = now
         self.soft_since = 0.0  # when wbuf went over output_soft_limit, 0 when under
         self.disconnect_queued = False
 
@@ -254,7 +254,7 @@ class Acceptor:
         if not data:
             self.on_eof(conn)
             return
-        conn.last_read = self.now
+        conn.last_active = self.now
         for chunk in conn.decoder.feed(data):
             if chunk is None:
                 log.info("net_id %s: frame longer than max_frame_bytes (%d) discarded", conn.net_id, conn.decoder.max_frame_bytes)
@@ -380,6 +380,7 @@ class Acceptor:
             wbuf += answers
             seq += count
         conn.write_seq = seq
+        conn.last_active = self.now  # idle time counts from our answer, not from the request
         if conn.state == OPEN and not conn.events & READ and self.reading and conn.unanswered < self.max_inflight:
             self._set_events(conn, conn.events | READ)
 
@@ -500,7 +501,7 @@ class Acceptor:
         limit = self.now - self.settings.idle_timeout
         for conn in list(self.conns.values()):
             # A connection waiting for answers is not idle: its client is waiting on us.
-            if conn.last_read < limit and not conn.unanswered and not conn.wbuf:
+            if conn.last_active < limit and not conn.unanswered and not conn.wbuf:
                 self.close(conn, f"idle for {self.settings.idle_timeout:g}s (idle_timeout)", logging.INFO)
         if self.accepting and self.settings.idle_timeout > 0:
             self._schedule_idle_sweep()
