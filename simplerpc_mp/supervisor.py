@@ -54,6 +54,9 @@ MEMORY_CHECK_INTERVAL_S = 1.0
 STOP_WAIT_S = 10.0
 
 
+_WORKER_IGNORED_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 class FatalError(Exception):
     """The pool cannot serve (handlers won't load, workers keep dying); ``exit_code`` says which."""
 
@@ -150,7 +153,13 @@ class Pool:
             name=f"simplerpc-mp-worker-{worker_id}",
             daemon=True,  # multiprocessing's atexit then ends it too, whatever happens to us
         )
-        process.start()
+        # The child inherits a blocked SIGINT/SIGTERM, so a Ctrl-C while it boots can't put a
+        # KeyboardInterrupt traceback on the terminal; the worker ignores both, then unblocks.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_IGNORED_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
         ours.setblocking(False)
         max_lines = 0

@@ -35,6 +35,7 @@ def worker_main(sock, board, handlers_spec, options: dict, default_timeout: floa
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the acceptor decides when workers stop
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked while we booted
     log_stream = configure_logging(**log_settings)
     # The stack dump before a timeout kill goes where the logs go (the log file, if any).
     faulthandler.register(signal.SIGUSR1, file=log_stream or sys.stderr, all_threads=True)
