@@ -37,8 +37,16 @@ DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
 
 _NL = b"\n"
 _OPEN = b"{"
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
-_loads = json.loads
+# allow_nan=False: NaN and Infinity are not JSON, and other clients' parsers refuse them.
+_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_refuse_constant)
+_loads = _decoder.decode
 
 
 class FrameDecoder:

@@ -131,7 +131,10 @@ class Server:
         self._check_handlers_picklable()
         self.listen()
         selector = self._selector
-        self.pool = Pool(self.settings, self.handlers_spec, selector, self.timers, self.acceptor, self._on_first_boot)
+        self.pool = Pool(
+            self.settings, self.handlers_spec, selector, self.timers, self.acceptor,
+            on_first_boot=self.acceptor.start_accepting, on_all_booted=self._on_ready,
+        )
         selector.register(self._wake_r, selectors.EVENT_READ, None)
         restore = self._install_signals()
         try:
@@ -169,8 +172,7 @@ class Server:
         except BlockingIOError:
             pass  # the wakeup buffer is full, so the loop is about to wake anyway
 
-    def _on_first_boot(self) -> None:
-        self.acceptor.start_accepting()
+    def _on_ready(self) -> None:
         self.ready.set()
         if self.on_ready is not None:
             self.on_ready(self)
@@ -302,6 +304,8 @@ class Server:
             self._graceful_timer.cancel()
         self._close_connections()
         self.pool.stop_all(WORKER_STOP_S)
+        if self.acceptor.pushes_dropped:
+            log.info("%d pushes to connections that had gone were dropped", self.acceptor.pushes_dropped)
         log.info("stopped")
         self._done = True
 

@@ -109,13 +109,16 @@ class WorkerHandle:
 
 
 class Pool:
-    def __init__(self, settings, handlers_spec, selector: selectors.BaseSelector, timers, acceptor: Acceptor, on_first_boot):
+    def __init__(self, settings, handlers_spec, selector: selectors.BaseSelector, timers, acceptor: Acceptor,
+                 on_first_boot, on_all_booted):
         self.settings = settings
         self.handlers_spec = handlers_spec
         self.selector = selector
         self.timers = timers
         self.acceptor = acceptor
-        self.on_first_boot = on_first_boot
+        self.on_first_boot = on_first_boot  # start accepting: one worker can serve
+        self.on_all_booted = on_all_booted  # announce readiness: the whole pool is up
+        self.announced = False
         self.ctx = multiprocessing.get_context("spawn")
         self.workers: list[WorkerHandle] = []
         self.target = settings.worker_count
@@ -328,6 +331,12 @@ class Pool:
         if not self.ever_booted:
             self.ever_booted = True
             self.on_first_boot()
+        if not self.announced and sum(w.booted for w in self.workers) >= self.target:
+            self._announce()
+
+    def _announce(self) -> None:
+        self.announced = True
+        self.on_all_booted()
 
     def _survived_start(self, worker: WorkerHandle) -> None:
         if not worker.dead:
@@ -490,6 +499,8 @@ class Pool:
     def _count_start_failure(self, message: str) -> None:
         """Back off before the next spawn; give up when failures repeat and nothing serves."""
         self.boot_failures += 1
+        if self.ever_booted and not self.announced:
+            self._announce()  # serving with fewer workers than asked for: say so, don't hang
         now = time.monotonic()
         serving = any(w.booted and w.accepting and now - w.booted_at >= EARLY_DEATH_S for w in self.workers)
         if self.boot_failures >= BOOT_FAILURES_FATAL and not serving:

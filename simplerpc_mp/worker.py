@@ -177,12 +177,17 @@ class Worker:
                 result = conn.okay_data if conn.okay_data is not None else {}
             if type(result) is not dict and not isinstance(result, dict):
                 result = {"result": result}
-            answer = encode_okay(result)
         except SimpleRPCException as exc:
             answer = encode_fail(exc.reason, str(exc))
         except Exception:  # the handler boundary: any other error is the handler's bug
             log.exception("handler for op %r failed (net_id %s, pid %s)", op, conn.net_id, self.pid)
             answer = encode_fail(UNKNOWN_REASON, UNKNOWN_MESSAGE)
+        else:
+            try:
+                answer = encode_okay(result)
+            except (TypeError, ValueError) as exc:  # not JSON: an object, NaN, a circular reference
+                log.error("handler for op %r returned data JSON cannot encode (net_id %s, pid %s): %s", op, conn.net_id, self.pid, exc)
+                answer = encode_fail(UNKNOWN_REASON, UNKNOWN_MESSAGE)
         if own_timeout:
             self.board[ipc.BOARD_TIMEOUT_MS] = self.default_timeout_ms
         if self.access_log:
