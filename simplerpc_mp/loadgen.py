@@ -351,10 +351,15 @@ class FanoutResult:
 
 
 def run_fanout(host: str, port: int, *, listeners: int = 1000, rounds: int = 20, duration: float = 10.0,
-               op: str = "fanout", data: dict | None = None, round_timeout: float = 10.0) -> FanoutResult:
+               op: str = "fanout", data: dict | None = None, round_timeout: float = 10.0,
+               barrier_op: str = "echo") -> FanoutResult:
     """Connect ``listeners`` clients; then, ``rounds`` times (or until ``duration`` has passed),
     send one ``op`` RPC on the first and time until every client (the sender included) has
-    received one push. Expects the op to push one frame to every connected client."""
+    received one push. Expects the op to push one frame to every connected client.
+
+    Before the first round every client sends one ``barrier_op{}`` RPC and waits for its answer:
+    a connection the server has not accepted yet would miss the push (connect() returns once
+    the kernel has queued the connection, before the server's accept)."""
     trigger = op.encode() + _dumps(dict(data or {})).encode() + b"\n"
     result = FanoutResult(listeners=listeners)
     socks = _connect(host, port, listeners, time.monotonic() + CONNECT_TIMEOUT_S)
@@ -363,6 +368,7 @@ def run_fanout(host: str, port: int, *, listeners: int = 1000, rounds: int = 20,
     try:
         for index, sock in enumerate(socks):
             selector.register(sock, selectors.EVENT_READ, index)
+        _barrier(socks, selector, barrier_op.encode() + b"{}\n", round_timeout)
         clock = time.perf_counter
         start = clock()
         stop_at = start + duration
@@ -412,6 +418,27 @@ def run_fanout(host: str, port: int, *, listeners: int = 1000, rounds: int = 20,
         selector.close()
         close_all(socks)
     return result
+
+
+def _barrier(socks: list, selector, request: bytes, timeout: float) -> None:
+    """Send ``request`` on every socket and wait until each has an answer (OKAY or FAIL)."""
+    for sock in socks:
+        _send_all(sock, request)
+    waiting = set(range(len(socks)))
+    deadline = time.monotonic() + timeout
+    while waiting:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"{len(waiting)} of {len(socks)} connections unanswered after {timeout:g}s")
+        for key, _ in selector.select(remaining):
+            try:
+                chunk = key.fileobj.recv(RECV_BYTES)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise ConnectionError("server closed a connection during the barrier")
+            if chunk.startswith((_OKAY, _FAIL)) and chunk.endswith(_NL):
+                waiting.discard(key.data)
 
 
 # -- idle clients ---------------------------------------------------------------------------

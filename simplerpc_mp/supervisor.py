@@ -43,6 +43,10 @@ DUMP_GRACE_S = 0.2
 # A worker with a batch still running is sent another only if its current RPC started less
 # than this long ago: work must not queue behind a long (or hung) RPC while a worker frees up.
 PREFETCH_MAX_AGE_NS = 20_000_000
+# While a worker's RPC has run longer than HOLDBACK_NS, the answers it finished before that RPC
+# are taken from its journal every JOURNAL_SWEEP_S, instead of waiting for the slow one to end.
+HOLDBACK_NS = 2_000_000
+JOURNAL_SWEEP_S = 0.005
 # Crash-loop protection for workers that die before they finish booting, or this soon after.
 EARLY_DEATH_S = 1.0
 BOOT_FAILURES_FATAL = 5
@@ -76,17 +80,18 @@ class Sentinel:
 
 class WorkerHandle:
     __slots__ = (
-        "worker_id", "process", "pid", "sock", "board", "reader", "wbuf", "jobs", "batches", "load",
+        "worker_id", "process", "pid", "sock", "board", "journal", "reader", "wbuf", "jobs", "batches", "load",
         "booted", "accepting", "stopping", "dead", "lines_sent", "max_lines", "generation",
-        "check_timer", "timed_out", "boot_error", "retire_reason", "kill_timer", "replace_pending", "booted_at",
+        "check_timer", "sweep_timer", "timed_out", "boot_error", "retire_reason", "kill_timer", "replace_pending", "booted_at",
     )
 
-    def __init__(self, worker_id: int, process, sock: socket.socket, board, generation: int, max_lines: int):
+    def __init__(self, worker_id: int, process, sock: socket.socket, board, journal, generation: int, max_lines: int):
         self.worker_id = worker_id
         self.process = process
         self.pid = process.pid
         self.sock = sock
         self.board = board
+        self.journal = journal
         self.reader = ipc.RecordReader()
         self.wbuf = bytearray()
         self.jobs: deque[Job] = deque()  # sent and not fully answered, in the order it runs them
@@ -100,6 +105,7 @@ class WorkerHandle:
         self.max_lines = max_lines
         self.generation = generation
         self.check_timer = None
+        self.sweep_timer = None
         self.timed_out: tuple[int, int] | None = None  # (job_id, line) that hit its timeout
         self.boot_error = ""
         self.retire_reason = ""
@@ -141,6 +147,7 @@ class Pool:
         settings = self.settings
         ours, theirs = socket.socketpair()
         board = self.ctx.RawArray("q", ipc.BOARD_SLOTS)
+        journal = self.ctx.RawArray("c", ipc.JOURNAL_BYTES)
         worker_id = self.next_worker_id
         self.next_worker_id += 1
         log_settings = {
@@ -151,7 +158,7 @@ class Pool:
         }
         process = self.ctx.Process(
             target=worker_main,
-            args=(theirs, board, self.handlers_spec, dict(settings.handler_options), settings.timeout,
+            args=(theirs, board, journal, self.handlers_spec, dict(settings.handler_options), settings.timeout,
                   worker_id, log_settings, os.getpid()),
             name=f"simplerpc-mp-worker-{worker_id}",
             daemon=True,  # multiprocessing's atexit then ends it too, whatever happens to us
@@ -168,7 +175,7 @@ class Pool:
         max_lines = 0
         if settings.max_requests:
             max_lines = settings.max_requests + random.randint(0, settings.max_requests_jitter)
-        worker = WorkerHandle(worker_id, process, ours, board, self.generation, max_lines)
+        worker = WorkerHandle(worker_id, process, ours, board, journal, self.generation, max_lines)
         self.workers.append(worker)
         self.selector.register(ours, READ, worker)
         self.selector.register(process.sentinel, READ, Sentinel(worker))
@@ -244,6 +251,8 @@ class Pool:
         worker.load += lines
         worker.lines_sent += lines
         self._write(worker, ipc.frame_record(ipc.pack((ipc.BATCH, items))))
+        if worker.sweep_timer is None:
+            worker.sweep_timer = self.timers.call_later(JOURNAL_SWEEP_S, self.sweep_journal, worker)
         if worker.check_timer is None and self.min_timeout_s > 0:
             worker.check_timer = self.timers.call_later(self.min_timeout_s, self.check_deadline, worker)
         if worker.max_lines and worker.lines_sent >= worker.max_lines:
@@ -299,23 +308,34 @@ class Pool:
             message = ipc.unpack(record)
             tag = message[0]
             if tag == ipc.REPLY:
-                jobs = worker.jobs
-                for job_id, first, count, answers, pushes, session in message[1]:
-                    job = jobs[0]
-                    acceptor.on_reply(job, first, count, answers, pushes, session)
-                    job.answered += count
-                    worker.load -= count
-                    if job.answered >= job.count:
-                        jobs.popleft()
-                        if worker.batches and worker.batches[0] == job_id:
-                            worker.batches.popleft()
-                        acceptor.job_done(job)
-                if not jobs and worker.stopping is False and not worker.accepting:
+                self._apply_replies(worker, message[1])
+                if not worker.jobs and worker.stopping is False and not worker.accepting:
                     self._send_stop(worker)
             elif tag == ipc.HELLO:
                 self._on_hello(worker, message[2])
             elif tag == ipc.BOOT_ERROR:
                 worker.boot_error = message[1]
+
+    def _apply_replies(self, worker: WorkerHandle, replies: list) -> None:
+        """Route replies to their connections; a job whose last answer came is done.
+
+        A worker runs its jobs in order, so a reply is for its oldest job, except after a death,
+        when journal records may repeat what the pipe already brought: those are skipped.
+        """
+        acceptor = self.acceptor
+        jobs = worker.jobs
+        for job_id, first, count, answers, pushes, session in replies:
+            if not jobs or jobs[0].job_id != job_id or first < jobs[0].answered:
+                continue  # a journal record the pipe delivered already
+            job = jobs[0]
+            acceptor.on_reply(job, first, count, answers, pushes, session)
+            job.answered += count
+            worker.load -= count
+            if job.answered >= job.count:
+                jobs.popleft()
+                if worker.batches and worker.batches[0] == job_id:
+                    worker.batches.popleft()
+                acceptor.job_done(job)
 
     def _on_hello(self, worker: WorkerHandle, info: dict) -> None:
         worker.booted = True
@@ -394,11 +414,13 @@ class Pool:
         if not worker.dead:
             self._drain(worker)
             self.selector.unregister(worker.sock)
+        # What it finished but had not sent yet (pipe records come first: they are older).
+        self._apply_replies(worker, ipc.read_journal(worker.journal, worker.board))
         worker.dead = True
         self.selector.unregister(worker.process.sentinel)
         worker.sock.close()
         worker.process.join()
-        for timer in (worker.check_timer, worker.kill_timer):
+        for timer in (worker.check_timer, worker.kill_timer, worker.sweep_timer):
             if timer is not None:
                 timer.cancel()
         self.workers.remove(worker)
@@ -512,6 +534,15 @@ class Pool:
 
     def _has_old_generation(self) -> bool:
         return any(w.generation < self.generation for w in self.workers)
+
+    def sweep_journal(self, worker: WorkerHandle) -> None:
+        """Timer: deliver answers a busy worker finished but keeps back while a slow RPC runs."""
+        worker.sweep_timer = None
+        if worker.dead or not worker.jobs:
+            return
+        if time.monotonic_ns() - worker.board[ipc.BOARD_START_NS] > HOLDBACK_NS:
+            self._apply_replies(worker, ipc.read_journal(worker.journal, worker.board))
+        worker.sweep_timer = self.timers.call_later(JOURNAL_SWEEP_S, self.sweep_journal, worker)
 
     # -- deadlines ---------------------------------------------------------------------------
 

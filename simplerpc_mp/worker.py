@@ -2,7 +2,7 @@
 
 Runs in each worker process, started with the ``spawn`` method by the supervisor, so it holds
 no client socket and imports the handler module afresh (which is what makes HUP a reload).
-It talks to the acceptor over one blocking pipe (see ``ipc``), and leaves supervision to it:
+It talks to the acceptor over one blocking socketpair (see ``ipc``), and leaves supervision to it:
 it ignores SIGINT and SIGTERM, dumps its stack on SIGUSR1 (sent before a timeout kill), and dies
 with the acceptor (PR_SET_PDEATHSIG, and EOF on its pipe).
 """
@@ -16,7 +16,7 @@ import pickle
 import signal
 import sys
 import time
-from multiprocessing.connection import Connection
+import socket
 
 from . import ipc
 from .errors import UNKNOWN_MESSAGE, UNKNOWN_REASON, SimpleRPCException, UnknownOpcode
@@ -27,9 +27,13 @@ from .protocol import decode_frame, encode_fail, encode_okay, split_lines
 log = logging.getLogger("simplerpc_mp.worker")
 
 _SESSION_PROTOCOL = pickle.HIGHEST_PROTOCOL
+# Replies wait at most this long for company before they are sent (see Worker.finished).
+FLUSH_AFTER_S = 0.002
+# 64 KiB reads: larger ones make CPython allocate (and mmap) the whole size on every call.
+RECV_BYTES = 64 * 1024
 
 
-def worker_main(sock, board, handlers_spec, options: dict, default_timeout: float, worker_id: int,
+def worker_main(sock, board, journal, handlers_spec, options: dict, default_timeout: float, worker_id: int,
                 log_settings: dict, parent_pid: int) -> None:
     """Entry point of a worker process (called in the child)."""
     _die_with_parent(parent_pid)
@@ -40,22 +44,23 @@ def worker_main(sock, board, handlers_spec, options: dict, default_timeout: floa
     # The stack dump before a timeout kill goes where the logs go (the log file, if any).
     faulthandler.register(signal.SIGUSR1, file=log_stream or sys.stderr, all_threads=True)
     _set_title(f"simplerpc-mp worker {worker_id}")
-    pipe = Connection(sock.detach())
+    sock.setblocking(True)
     try:
         handlers = handlers_spec if isinstance(handlers_spec, Handlers) else load_handlers(handlers_spec)
         for fn in handlers.start_fns:
             fn(options)
     except HandlerLoadError as exc:
-        _boot_failed(pipe, str(exc))
+        _boot_failed(sock, str(exc))
     except Exception as exc:  # an on_start function failed: same outcome as a broken import
-        _boot_failed(pipe, f"on_start function failed: {type(exc).__name__}: {exc}")
-    pipe.send_bytes(ipc.pack((ipc.HELLO, os.getpid(), handlers.describe())))
-    Worker(pipe, board, handlers, default_timeout, log_settings.get("access_log", False)).run()
+        _boot_failed(sock, f"on_start function failed: {type(exc).__name__}: {exc}")
+    sock.sendall(ipc.frame_record(ipc.pack((ipc.HELLO, os.getpid(), handlers.describe()))))
+    journal_writer = ipc.Journal(journal, board)
+    Worker(sock, board, journal_writer, handlers, default_timeout, log_settings.get("access_log", False)).run()
 
 
-def _boot_failed(pipe: Connection, message: str) -> None:
+def _boot_failed(sock: socket.socket, message: str) -> None:
     try:
-        pipe.send_bytes(ipc.pack((ipc.BOOT_ERROR, message)))
+        sock.sendall(ipc.frame_record(ipc.pack((ipc.BOOT_ERROR, message))))
     except OSError:
         pass  # the acceptor is gone; the exit code still tells
     os._exit(ipc.EXIT_BOOT_ERROR)
@@ -87,41 +92,60 @@ def _set_title(title: str) -> None:
 class Worker:
     """Runs batches of jobs; one instance per worker process."""
 
-    def __init__(self, pipe: Connection, board, handlers: Handlers, default_timeout: float, access_log: bool):
-        self.pipe = pipe
+    def __init__(self, sock: socket.socket, board, journal: ipc.Journal, handlers: Handlers,
+                 default_timeout: float, access_log: bool):
+        self.sock = sock
         self.board = board
+        self.journal = journal
         self.handlers = handlers
         self.ops = handlers.ops
         self.any_fn = handlers.any_fn
         self.default_timeout_ms = int(default_timeout * 1000)
         self.access_log = access_log
         self.pid = os.getpid()
+        self.replies: list = []  # finished, not sent yet (each also in the journal)
+        self.last_send = 0.0
 
     def run(self) -> None:
-        recv, send = self.pipe.recv_bytes, self.pipe.send_bytes
+        reader = ipc.RecordReader()
         while True:
             try:
-                message = ipc.unpack(recv())
-            except EOFError:
+                data = self.sock.recv(RECV_BYTES)
+            except ConnectionError:
+                data = b""
+            if not data:
                 return  # the acceptor has gone
-            if message[0] == ipc.STOP:
-                return
-            replies = self.run_batch(message[1], send)
-            send(ipc.pack((ipc.REPLY, replies)))
+            for record in reader.feed(data):
+                message = ipc.unpack(record)
+                if message[0] == ipc.STOP:
+                    self.send_replies()
+                    return
+                self.run_batch(message[1])
+            self.send_replies()
 
-    def run_batch(self, jobs: list, send) -> list:
-        """Run a batch; returns the replies not sent yet (the caller sends them).
+    def send_replies(self) -> None:
+        if self.replies:
+            self.sock.sendall(ipc.frame_record(ipc.pack((ipc.REPLY, self.replies))))
+            self.replies = []
+        self.journal.clear()  # after the send: what it held is now in the pipe
+        self.last_send = time.monotonic()
 
-        Before each RPC starts, the answers finished so far are sent: an answer never waits for a
-        slower RPC after it, and a worker that dies loses no finished answer, so only the RPC it
-        was running fails. Under load the acceptor reads many of these records in one recv.
+    def finished(self, reply: tuple) -> None:
+        """One RPC (or hook) finished: journal its reply, send in batches.
+
+        Replies are sent before the next job starts if 2 ms have passed since the last send, so
+        a slow RPC holds back other jobs' answers by at most that; a worker that dies loses
+        nothing, because the acceptor reads the journal.
         """
+        self.replies.append(reply)
+        if not self.journal.append(ipc.pack(reply)):
+            self.send_replies()  # the journal is full: the pipe takes it all now
+
+    def run_batch(self, jobs: list) -> None:
         board = self.board
-        replies: list = []
         for job_id, kind, net_id, payload, session_blob in jobs:
-            if replies:
-                send(ipc.pack((ipc.REPLY, replies)))
-                replies = []
+            if self.replies and time.monotonic() - self.last_send > FLUSH_AFTER_S:
+                self.send_replies()
             board[ipc.BOARD_LINE] = 0
             board[ipc.BOARD_START_NS] = time.monotonic_ns()
             board[ipc.BOARD_TIMEOUT_MS] = self.default_timeout_ms
@@ -130,22 +154,21 @@ class Worker:
             pushes: list = []
             if kind == ipc.CONNECT or kind == ipc.DISCONNECT:
                 self.run_hook(kind, Conn(net_id, session, pushes))
-                replies.append((job_id, 0, 0, b"", pushes, self.session_change(kind, session, session_blob)))
+                self.finished((job_id, 0, 0, b"", pushes, self.session_change(kind, session, session_blob)))
                 continue
             conn = Conn(net_id, session, pushes, read_only=kind == ipc.CONCURRENT)
             for index, line in enumerate(split_lines(payload)):
-                if index:
-                    change = self.session_change(kind, session, session_blob)
-                    if change is not ipc.UNCHANGED:
-                        session_blob = change
-                    send(ipc.pack((ipc.REPLY, [(job_id, index - 1, 1, answer, pushes, change)])))
-                    pushes = conn.pushes = []
+                if index and time.monotonic() - self.last_send > FLUSH_AFTER_S:
+                    self.send_replies()
                 board[ipc.BOARD_LINE] = index
                 board[ipc.BOARD_START_NS] = time.monotonic_ns()
                 answer = self.run_line(conn, line)
-            replies.append((job_id, index, 1, answer, pushes, self.session_change(kind, session, session_blob)))
+                change = self.session_change(kind, session, session_blob)
+                if change is not ipc.UNCHANGED:
+                    session_blob = change
+                self.finished((job_id, index, 1, answer, conn.pushes, change))
+                conn.pushes = []
         board[ipc.BOARD_JOB] = 0
-        return replies
 
     @staticmethod
     def session_change(kind: int, session: dict, old_blob):
