@@ -209,7 +209,7 @@ class Client:
         if not self._selector.select(timeout):
             return
         try:
-            data = self.sock.recv(262144)
+            data = self.sock.recv(65536)
         except BlockingIOError:
             return
         except OSError:

@@ -1,10 +1,10 @@
 """Messages between the acceptor and its workers, and their framing. Pure: no sockets here.
 
-Each message is a pickled tuple sent as one length-prefixed record: a 4-byte big-endian length,
-then the bytes, the framing of ``multiprocessing.connection.Connection.send_bytes``, so a
-worker uses a plain blocking ``Connection`` while the acceptor reads and writes the same pipe
-non-blocking through ``RecordReader`` and ``frame_record``. Pickle only ever crosses between
-processes of one server, never from clients.
+Each message is a pickled tuple sent as one length-prefixed record (a 4-byte big-endian length,
+then the bytes) over a socketpair: blocking in the worker, non-blocking in the acceptor, both
+framed with ``frame_record`` and split with ``RecordReader``. (A raw socketpair beat
+``multiprocessing`` Pipe, Queue and SimpleQueue in ``bench/ipc_compare.py``.) Pickle only ever
+crosses between processes of one server, never from clients.
 
 acceptor -> worker::
 

@@ -37,7 +37,7 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 # (it finds the next batch waiting when it finishes one) while letting batches grow under load,
 # since each pipe write wakes a worker and is the acceptor's largest per-batch cost.
 MAX_BATCHES_PER_WORKER = 2
-RECV_BYTES = 1024 * 1024
+RECV_BYTES = 64 * 1024  # as in acceptor.py; larger replies arrive in several reads
 # After SIGUSR1 (stack dump) a timed-out worker gets this long before SIGKILL.
 DUMP_GRACE_S = 0.2
 # A worker with a batch still running is sent another only if its current RPC started less

@@ -15,8 +15,8 @@ import os
 import pickle
 import signal
 import sys
-import time
 import socket
+import time
 
 from . import ipc
 from .errors import UNKNOWN_MESSAGE, UNKNOWN_REASON, SimpleRPCException, UnknownOpcode
@@ -107,6 +107,12 @@ class Worker:
         self.last_send = 0.0
 
     def run(self) -> None:
+        try:
+            self._serve()
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the acceptor has gone while we answered: nobody is left to tell
+
+    def _serve(self) -> None:
         reader = ipc.RecordReader()
         while True:
             try:

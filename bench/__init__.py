@@ -1,0 +1,1 @@
+"""The benchmark suite; run ``python bench/run.py`` (see bench/README.md)."""

@@ -1,0 +1,122 @@
+"""Baseline (a), single process: an asyncio server speaking the simplerpc protocol that runs each
+handler in its event loop, as the original simplerpc does. Honest and idiomatic: an
+``asyncio.Protocol`` (no per-line coroutine), the answers of one read written in one
+``transport.write``, the same frame codec (``simplerpc_mp.protocol``) and handler modules as
+simplerpc-mp.
+
+    python -m bench.baseline_single --port 0 --handlers bench.handlers
+
+Prints ``listening on HOST:PORT`` once it accepts connections; stops on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from simplerpc_mp.errors import UNKNOWN_MESSAGE, UNKNOWN_REASON, SimpleRPCException, UnknownOpcode
+from simplerpc_mp.handlers import BROADCAST, Conn, Handlers, load_handlers
+from simplerpc_mp.protocol import decode_frame, encode_fail, encode_frame
+
+
+def answer_line(handlers: Handlers, conn: Conn, line: bytes) -> bytes:
+    """Run one RPC line (without its LF) and return its encoded answer, as a worker does."""
+    try:
+        op, data = decode_frame(line)
+        entry = handlers.ops.get(op)
+        if entry is not None:
+            result = entry.fn(conn, data)
+        elif handlers.any_fn is not None:
+            result = handlers.any_fn(conn, op, data)
+        else:
+            raise UnknownOpcode(f"no handler for op {op!r}")
+        if type(result) is not dict:
+            result = (conn.okay_data or {}) if result is None else {"result": result}
+        return encode_frame("OKAY", result)
+    except SimpleRPCException as exc:
+        return encode_fail(exc.reason, str(exc))
+    except Exception:
+        return encode_fail(UNKNOWN_REASON, UNKNOWN_MESSAGE)
+
+
+class Hub:
+    """The connections by net_id, to route pushes."""
+
+    def __init__(self, handlers: Handlers):
+        self.handlers = handlers
+        self.conns: dict[int, "RPCProtocol"] = {}
+        self.next_net_id = 1
+
+    def push(self, target: int, frame: bytes) -> None:
+        if target == BROADCAST:
+            for proto in self.conns.values():
+                proto.transport.write(frame)
+        elif target in self.conns:
+            self.conns[target].transport.write(frame)
+
+
+class RPCProtocol(asyncio.Protocol):
+    def __init__(self, hub: Hub):
+        self.hub = hub
+        self.partial = b""
+        self.session: dict = {}
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.net_id = self.hub.next_net_id
+        self.hub.next_net_id += 1
+        self.hub.conns[self.net_id] = self
+
+    def connection_lost(self, exc) -> None:
+        self.hub.conns.pop(self.net_id, None)
+
+    def data_received(self, data: bytes) -> None:
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        out = []
+        for line in lines:
+            pushes: list = []
+            out.append(answer_line(self.hub.handlers, Conn(self.net_id, self.session, pushes), line))
+            if pushes:  # pushes made by an RPC go before its answer
+                last = out.pop()
+                if out:
+                    self.transport.write(b"".join(out))
+                    out = []
+                for target, frame in pushes:
+                    self.hub.push(target, frame)
+                out.append(last)
+        if out:
+            self.transport.write(b"".join(out))
+
+
+async def serve(host: str, port: int, make_protocol, ready_note: str = "") -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(make_protocol, host, port, backlog=1024)
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    bound = server.sockets[0].getsockname()
+    print(f"listening on {bound[0]}:{bound[1]}{ready_note}", flush=True)
+    async with server:
+        await stop
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--handlers", default="bench.handlers")
+    parser.add_argument("--workers", type=int, default=0, help="pool size (baseline_pool only; 0 = cores)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    hub = Hub(load_handlers(args.handlers))
+    asyncio.run(serve(args.host, args.port, lambda: RPCProtocol(hub)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
