@@ -60,7 +60,6 @@ def profile_with_pyspy(args) -> None:
         target = server.pid
         if args.process == "worker":  # the first worker: it runs about 1/workers of the RPCs
             target = min(p.pid for p in psutil.Process(server.pid).children() if "spawn_main" in " ".join(p.cmdline()))
-        cpu0 = user0 = sys0 = 0.0
         user0, sys0 = _cpu_split(target)
         started = time.perf_counter()
         spy = subprocess.run(

@@ -15,7 +15,6 @@ socket the selector watches, and the loop calls ``handle_<name>()``.
 from __future__ import annotations
 
 import logging
-import os
 import selectors
 import signal
 import socket

@@ -303,7 +303,6 @@ class Pool:
         self._handle_records(worker, data)
 
     def _handle_records(self, worker: WorkerHandle, data: bytes) -> None:
-        acceptor = self.acceptor
         for record in worker.reader.feed(data):
             message = ipc.unpack(record)
             tag = message[0]

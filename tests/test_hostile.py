@@ -9,7 +9,6 @@ grown by less than ``RSS_GROWTH_BOUND_BYTES``.
 
 from __future__ import annotations
 
-import math
 import random
 import selectors
 import socket
