@@ -182,6 +182,8 @@ class Acceptor:
             self.listeners.clear()
 
     def on_accept(self, listener: Listener) -> None:
+        if not self.accepting or self.accept_paused:
+            return  # stopped earlier in this loop pass (a signal came with the connection)
         for _ in range(64):  # bounded, so one busy listener can't starve the rest of the loop
             try:
                 sock, peer = listener.sock.accept()
@@ -193,7 +195,9 @@ class Acceptor:
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue  # the client gave up while in the backlog
-                raise
+                # Linux passes network errors of the new connection to accept(): drop that one.
+                log.warning("accept failed: %s", exc)
+                return
             if self.out_of_descriptors:
                 self.out_of_descriptors = False
                 log.info("accepting connections again")

@@ -69,19 +69,22 @@ JOURNAL_BYTES = 1024 * 1024
 class Journal:
     """The worker's side: append one reply record per finished RPC; clear once sent."""
 
-    __slots__ = ("view", "board", "offset")
+    __slots__ = ("view", "size", "board", "offset")
 
     def __init__(self, shared, board):
         self.view = memoryview(shared).cast("B")
+        self.size = len(self.view)
         self.board = board
         self.offset = 0
 
     def append(self, record: bytes) -> bool:
         """Record a reply; False when it does not fit (then send, clear, and go on)."""
-        end = self.offset + 4 + len(record)
-        if end > len(self.view):
+        start = self.offset
+        end = start + 4 + len(record)
+        if end > self.size:
             return False
-        self.view[self.offset : end] = _HEADER.pack(len(record)) + record
+        _HEADER.pack_into(self.view, start, len(record))
+        self.view[start + 4 : end] = record
         self.offset = end
         self.board[BOARD_JOURNAL_BYTES] = end  # after the bytes: the reader never sees a torn record
         return True

@@ -143,11 +143,21 @@ class Pool:
 
     # -- spawning ----------------------------------------------------------------------------
 
-    def spawn(self) -> WorkerHandle:
+    def spawn(self) -> WorkerHandle | None:
+        """Start one worker; None (logged, and backed off like a boot failure) if the OS refused."""
+        try:
+            return self._spawn()
+        except OSError as exc:  # out of descriptors, processes or memory: try again later
+            if not self.ever_booted:
+                raise FatalError(f"cannot start a worker process: {exc}", 4) from None
+            self._count_start_failure(f"cannot start a worker process: {exc}")
+            return None
+
+    def _spawn(self) -> WorkerHandle:
         settings = self.settings
-        ours, theirs = socket.socketpair()
         board = self.ctx.RawArray("q", ipc.BOARD_SLOTS)
         journal = self.ctx.RawArray("c", ipc.JOURNAL_BYTES)
+        ours, theirs = socket.socketpair()
         worker_id = self.next_worker_id
         self.next_worker_id += 1
         log_settings = {
@@ -168,10 +178,12 @@ class Pool:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_IGNORED_SIGNALS)
         try:
             process.start()
+        except OSError:
+            ours.close()
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        theirs.close()
-        ours.setblocking(False)
+            ours.setblocking(False)
         max_lines = 0
         if settings.max_requests:
             max_lines = settings.max_requests + random.randint(0, settings.max_requests_jitter)
@@ -201,7 +213,8 @@ class Pool:
                     self.respawn_timer = self.timers.call_at(self.respawn_after, self._respawn_due)
                 return
             for _ in range(missing):
-                self.spawn()
+                if self.spawn() is None:
+                    break  # refused: the back-off timer tries again
         elif missing < 0:
             # Retire the newest first: the oldest have warm caches.
             for worker in sorted(serving, key=lambda w: -w.worker_id)[:-missing]:
@@ -318,14 +331,16 @@ class Pool:
     def _apply_replies(self, worker: WorkerHandle, replies: list) -> None:
         """Route replies to their connections; a job whose last answer came is done.
 
-        A worker runs its jobs in order, so a reply is for its oldest job, except after a death,
-        when journal records may repeat what the pipe already brought: those are skipped.
+        A worker runs its jobs in order, so the pipe brings each reply for its oldest job, line
+        after line. Journal records (read after a death, or from a live worker during a slow RPC)
+        may repeat what the pipe brought, or run ahead of pipe data not read yet: only the reply
+        for exactly the next unanswered line is applied; the pipe brings the rest later, in order.
         """
         acceptor = self.acceptor
         jobs = worker.jobs
         for job_id, first, count, answers, pushes, session in replies:
-            if not jobs or jobs[0].job_id != job_id or first < jobs[0].answered:
-                continue  # a journal record the pipe delivered already
+            if not jobs or jobs[0].job_id != job_id or first != jobs[0].answered:
+                continue
             job = jobs[0]
             acceptor.on_reply(job, first, count, answers, pushes, session)
             job.answered += count
@@ -410,6 +425,8 @@ class Pool:
 
     def on_exit(self, worker: WorkerHandle) -> None:
         """The worker process has exited: collect what it sent, answer or requeue its jobs."""
+        if worker not in self.workers:
+            return  # already reaped by kill_all/stop_all in this loop iteration
         if not worker.dead:
             self._drain(worker)
             self.selector.unregister(worker.sock)
@@ -419,9 +436,7 @@ class Pool:
         self.selector.unregister(worker.process.sentinel)
         worker.sock.close()
         worker.process.join()
-        for timer in (worker.check_timer, worker.kill_timer, worker.sweep_timer):
-            if timer is not None:
-                timer.cancel()
+        self._cancel_timers(worker)
         self.workers.remove(worker)
         code = worker.process.exitcode
         how = _describe_exit(code)
@@ -439,13 +454,27 @@ class Pool:
             # Dying idle right after booting is a start-up failure (a crash loop), not an RPC's doing.
             if not worker.jobs and time.monotonic() - worker.booted_at < EARLY_DEATH_S:
                 self._recover_jobs(worker, how)
+                self._release(worker)
                 self._count_start_failure(
                     f"worker {worker.worker_id} failed to start: died right after booting ({how})"
                 )
                 self.manage()
                 return
         self._recover_jobs(worker, how)
+        self._release(worker)
         self.manage()
+
+    @staticmethod
+    def _cancel_timers(worker: WorkerHandle) -> None:
+        for timer in (worker.check_timer, worker.kill_timer, worker.sweep_timer):
+            if timer is not None:
+                timer.cancel()
+
+    @staticmethod
+    def _release(worker: WorkerHandle) -> None:
+        """Free the dead worker's descriptors now (its sentinel, its shared-memory arenas)."""
+        worker.process.close()
+        worker.board = worker.journal = None
 
     def _drain(self, worker: WorkerHandle) -> None:
         while True:
@@ -488,7 +517,12 @@ class Pool:
             reached = True
             if job.count == 0:
                 continue  # a connect/disconnect hook died: nothing to answer, not re-run
-            stuck = max(job.answered, min(running_line, job.count - 1))
+            if running_line < job.answered:
+                # The line on the board finished (its reply was in the journal); the worker died
+                # before it started the next one, so nothing of this job was running.
+                acceptor.requeue(job, job.answered)
+                continue
+            stuck = min(running_line, job.count - 1)
             acceptor.fail_lines(job, job.answered, stuck, WorkerCrashed.__name__, crashed)
             if worker.timed_out == (job.job_id, running_line):
                 acceptor.fail_lines(job, stuck, stuck + 1, Timeout.__name__, "RPC ran longer than its timeout; worker replaced")
@@ -655,7 +689,7 @@ class Pool:
                 log.warning("worker %s (pid %s) did not stop; killing it", worker.worker_id, worker.pid)
                 worker.process.kill()
                 worker.process.join()
-            worker.sock.close()
+            self._forget(worker)
         self.workers.clear()
 
     def kill_all(self) -> None:
@@ -665,8 +699,20 @@ class Pool:
                 worker.process.kill()
         for worker in self.workers:
             worker.process.join()
-            worker.sock.close()
+            self._forget(worker)
         self.workers.clear()
+
+    def _forget(self, worker: WorkerHandle) -> None:
+        """A worker reaped at shutdown: events about it later in this loop pass are ignored."""
+        worker.dead = True
+        self._cancel_timers(worker)
+        for fileobj in (worker.sock, worker.process.sentinel):
+            try:
+                self.selector.unregister(fileobj)
+            except (KeyError, ValueError):
+                pass  # its pipe was unregistered already at EOF
+        worker.sock.close()
+        self._release(worker)
 
 
 def _by_load(worker: WorkerHandle) -> tuple:

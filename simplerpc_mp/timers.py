@@ -24,6 +24,13 @@ class Timer:
 
     def cancel(self) -> None:
         self.cancelled = True
+        # The heap keeps the entry until its time comes: don't keep what it refers to alive.
+        self.callback = _nothing
+        self.args = ()
+
+
+def _nothing() -> None:
+    pass
 
 
 class Timers:

@@ -684,3 +684,55 @@ def test_workers_dying_at_start_back_off_then_the_server_stops(start_server, tmp
     assert 3 <= tries() <= 10, tries()  # a handful of tries, no spin
     assert seconds < 15, seconds
     wait_until(lambda: all(gone(pid) for pid in pids), 2, what="the workers to be gone")
+
+
+def test_journal_replies_ahead_of_unread_pipe_data_are_not_applied_out_of_turn():
+    """Regression: the live-journal sweep may see replies the worker logged after a pipe send
+    the acceptor has only partly read. Applying one of those early made the late pipe reply for
+    the line before it look like a duplicate: one RPC lost its answer, another got two, and the
+    connection stalled. Drives the real Acceptor and Pool over real sockets, in that order."""
+    from simplerpc_mp import ipc
+    from simplerpc_mp.acceptor import Acceptor
+    from simplerpc_mp.config import Settings
+    from simplerpc_mp.supervisor import Pool, WorkerHandle
+    from simplerpc_mp.timers import Timers
+
+    settings = Settings()
+    with selectors.DefaultSelector() as selector, socket.create_server(("127.0.0.1", 0)) as listener:
+        timers = Timers()
+        acceptor = Acceptor(settings, selector, timers)
+        pool = Pool(settings, "tests.handlers.basic", selector, timers, acceptor, lambda: None, lambda: None)
+        client = socket.create_connection(listener.getsockname())
+        served, _ = listener.accept()
+        conn = acceptor.add_connection(served, "peer")
+        client.sendall(b"echo{}\necho{}\necho{}\nslow{}\n")
+        acceptor.on_read(conn)
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+
+        class NoProcess:  # the worker's process is not needed to route its replies
+            pid, sentinel = 0, None
+
+        worker = WorkerHandle(1, NoProcess(), ours, [0] * ipc.BOARD_SLOTS, None, 0, 0)
+        worker.booted = True
+        pool.workers.append(worker)
+        pool.send_batch(worker, [acceptor.ready.popleft()])
+        job_id = worker.jobs[0].job_id
+
+        def reply(i):
+            return (job_id, i, 1, b'OKAY{"i":%d}\n' % i, [], ipc.UNCHANGED)
+
+        pool._apply_replies(worker, [reply(0)])  # the first record of a pipe message [r0, r1]
+        pool._apply_replies(worker, [reply(2)])  # the live journal, already past that message
+        pool._apply_replies(worker, [reply(1)])  # the rest of the pipe message
+        pool._apply_replies(worker, [reply(2), reply(3)])  # the next pipe message
+        acceptor.flush()
+        client.settimeout(5)
+        received = b""
+        while received.count(b"\n") < 4:
+            received += client.recv(4096)
+        assert received == b'OKAY{"i":0}\nOKAY{"i":1}\nOKAY{"i":2}\nOKAY{"i":3}\n'
+        assert conn.write_seq == conn.next_seq == 4 and not conn.done and not worker.jobs
+        client.close()
+        theirs.close()
+        ours.close()
