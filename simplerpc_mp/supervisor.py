@@ -42,7 +42,9 @@ RECV_BYTES = 64 * 1024  # as in acceptor.py; larger replies arrive in several re
 DUMP_GRACE_S = 0.2
 # A worker with a batch still running is sent another only if its current RPC started less
 # than this long ago: work must not queue behind a long (or hung) RPC while a worker frees up.
-PREFETCH_MAX_AGE_NS = 20_000_000
+# 2 ms still lets batches of fast RPCs pipeline (an echo takes ~20 us); a worker on a slower
+# RPC gets its next batch when it has answered, one round trip (~0.1 ms) later.
+PREFETCH_MAX_AGE_NS = 2_000_000
 # While a worker's RPC has run longer than HOLDBACK_NS, the answers it finished before that RPC
 # are taken from its journal every JOURNAL_SWEEP_S, instead of waiting for the slow one to end.
 HOLDBACK_NS = 2_000_000
