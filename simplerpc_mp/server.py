@@ -303,9 +303,10 @@ class Server:
             self._graceful_timer.cancel()
         self._close_connections()
         self.pool.stop_all(WORKER_STOP_S)
-        if self.acceptor.pushes_dropped:
-            log.info("%d pushes to connections that had gone were dropped", self.acceptor.pushes_dropped)
-        log.info("stopped")
+        log.info(
+            "stopped (worker crashes: %d, RPC timeouts: %d, pushes to gone connections dropped: %d)",
+            self.pool.crashes, self.pool.timeouts, self.acceptor.pushes_dropped,
+        )
         self._done = True
 
     def _close_connections(self) -> None:
