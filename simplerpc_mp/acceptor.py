@@ -59,7 +59,7 @@ class Listener:
 class Job:
     """Lines of one connection that run together on one worker, and what became of them."""
 
-    __slots__ = ("job_id", "conn", "kind", "first", "count", "payload", "answered", "worker")
+    __slots__ = ("job_id", "conn", "kind", "first", "count", "payload", "answered")
 
     def __init__(self, conn: "Connection", kind: int, first: int, count: int, payload: bytes):
         self.job_id = 0  # set when dispatched
@@ -69,7 +69,6 @@ class Job:
         self.count = count  # lines (0 for connect/disconnect hooks)
         self.payload = payload
         self.answered = 0  # lines whose answers have come back
-        self.worker = None
 
     def line(self, index: int) -> bytes:
         return split_lines(self.payload)[index]
@@ -134,7 +133,6 @@ class Acceptor:
         self.has_connect = False
         self.has_disconnect = False
         self.pushes_dropped = 0
-        self._idle_timer = None
         self.apply_settings(settings)
 
     def apply_settings(self, settings) -> None:
@@ -500,7 +498,7 @@ class Acceptor:
 
     def _schedule_idle_sweep(self) -> None:
         period = max(self.settings.idle_timeout / 4, 0.05)
-        self._idle_timer = self.timers.call_later(period, self._sweep_idle)
+        self.timers.call_later(period, self._sweep_idle)
 
     def _sweep_idle(self) -> None:
         limit = self.now - self.settings.idle_timeout

@@ -256,7 +256,6 @@ class Pool:
         job_id = self.next_job_id
         for job in batch:
             job.job_id = job_id
-            job.worker = worker
             job_id += 1
             lines += job.count
             items.append((job.job_id, job.kind, job.conn.net_id, job.payload, job.conn.session))
@@ -420,9 +419,11 @@ class Pool:
         self._write(worker, ipc.frame_record(ipc.pack((ipc.STOP,))))
         worker.kill_timer = self.timers.call_later(STOP_WAIT_S, self._kill, worker, "did not stop in time")
 
-    def _kill(self, worker: WorkerHandle, why: str) -> None:
+    def _kill(self, worker: WorkerHandle, why: str = "") -> None:
+        """Timer: SIGKILL a worker still there (``why`` is logged; a timeout was logged already)."""
         if worker.process.exitcode is None:
-            log.warning("worker %s (pid %s) killed: %s", worker.worker_id, worker.pid, why)
+            if why:
+                log.warning("worker %s (pid %s) killed: %s", worker.worker_id, worker.pid, why)
             worker.process.kill()
 
     def on_exit(self, worker: WorkerHandle) -> None:
@@ -616,12 +617,8 @@ class Pool:
             os.kill(worker.pid, signal.SIGUSR1)  # faulthandler in the worker prints the stack
         except ProcessLookupError:
             return
-        worker.kill_timer = self.timers.call_later(DUMP_GRACE_S, self._kill_now, worker)
+        worker.kill_timer = self.timers.call_later(DUMP_GRACE_S, self._kill, worker)
         self.manage()
-
-    def _kill_now(self, worker: WorkerHandle) -> None:
-        if worker.process.exitcode is None:
-            worker.process.kill()
 
     # -- memory ------------------------------------------------------------------------------
 
@@ -682,8 +679,7 @@ class Pool:
                 worker.process.kill()  # whatever it runs has already been answered ShuttingDown
             elif not worker.stopping:
                 worker.accepting = False
-                self._write(worker, ipc.frame_record(ipc.pack((ipc.STOP,))))
-                worker.stopping = True
+                self._send_stop(worker)  # its kill timer is cancelled below: we join it here
         deadline = time.monotonic() + timeout
         for worker in list(self.workers):
             worker.process.join(max(0.0, deadline - time.monotonic()))
