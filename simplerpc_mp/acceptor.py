@@ -130,6 +130,8 @@ class Acceptor:
         self.accept_paused = False
         self.out_of_descriptors = False
         self.concurrent_ops: frozenset[bytes] = frozenset()
+        self.concurrent_heads: tuple[bytes, ...] = ()
+        self.concurrent_needles: tuple[bytes, ...] = ()
         self.has_connect = False
         self.has_disconnect = False
         self.pushes_dropped = 0
@@ -149,6 +151,9 @@ class Acceptor:
 
     def set_handler_info(self, info: dict) -> None:
         self.concurrent_ops = frozenset(op.encode("utf-8") for op in info["concurrent"])
+        # A line calls op X when it starts with b"X{": at the chunk's start, or after an LF.
+        self.concurrent_heads = tuple(op + b"{" for op in self.concurrent_ops)
+        self.concurrent_needles = tuple(b"\n" + op + b"{" for op in self.concurrent_ops)
         self.has_connect = info["connect"]
         self.has_disconnect = info["disconnect"]
 
@@ -264,7 +269,7 @@ class Acceptor:
                 seq = conn.next_seq
                 conn.next_seq += 1
                 self.complete(conn, seq, _frame_too_large(conn.decoder.max_frame_bytes), 1)
-            elif self.concurrent_ops:
+            elif self.concurrent_ops and self._has_concurrent(chunk):
                 self._enqueue_mixed(conn, chunk)
             else:
                 self._enqueue(conn, ipc.SERIAL, chunk, chunk.count(b"\n"))
@@ -283,6 +288,15 @@ class Acceptor:
         else:
             queue.append(Job(conn, kind, conn.next_seq, count, payload))
         conn.next_seq += count
+
+    def _has_concurrent(self, chunk: bytes) -> bool:
+        """Does a line of the chunk call a concurrent op? (a scan in C, not a loop over lines)"""
+        if chunk.startswith(self.concurrent_heads):
+            return True
+        for needle in self.concurrent_needles:
+            if needle in chunk:
+                return True
+        return False
 
     def _enqueue_mixed(self, conn: Connection, chunk: bytes) -> None:
         concurrent_ops = self.concurrent_ops

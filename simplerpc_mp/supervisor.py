@@ -189,7 +189,7 @@ class Pool:
         max_lines = 0
         if settings.max_requests:
             max_lines = settings.max_requests + random.randint(0, settings.max_requests_jitter)
-        worker = WorkerHandle(worker_id, process, ours, board, journal, self.generation, max_lines)
+        worker = WorkerHandle(worker_id, process, ours, ipc.board_view(board), journal, self.generation, max_lines)
         self.workers.append(worker)
         self.selector.register(ours, READ, worker)
         self.selector.register(process.sentinel, READ, Sentinel(worker))
@@ -265,7 +265,7 @@ class Pool:
         worker.load += lines
         worker.lines_sent += lines
         self._write(worker, ipc.frame_record(ipc.pack((ipc.BATCH, items))))
-        if worker.sweep_timer is None:
+        if worker.sweep_timer is None and _may_hold_back(worker):
             worker.sweep_timer = self.timers.call_later(JOURNAL_SWEEP_S, self.sweep_journal, worker)
         if worker.check_timer is None and self.min_timeout_s > 0:
             worker.check_timer = self.timers.call_later(self.min_timeout_s, self.check_deadline, worker)
@@ -335,14 +335,23 @@ class Pool:
         A worker runs its jobs in order, so the pipe brings each reply for its oldest job, line
         after line. Journal records (read after a death, or from a live worker during a slow RPC)
         may repeat what the pipe brought, or run ahead of pipe data not read yet: only the reply
-        for exactly the next unanswered line is applied; the pipe brings the rest later, in order.
+        that starts at, or spans, the next unanswered line is applied (from that line on); the
+        pipe brings the rest later, in order.
         """
         acceptor = self.acceptor
         jobs = worker.jobs
         for job_id, first, count, answers, pushes, session in replies:
-            if not jobs or jobs[0].job_id != job_id or first != jobs[0].answered:
+            if not jobs or jobs[0].job_id != job_id:
                 continue
             job = jobs[0]
+            if first != job.answered:
+                if not first < job.answered < first + count:
+                    continue
+                # A pipe reply for several lines whose first ones the journal delivered already:
+                # those lines' pushes and session change came with them; take the rest.
+                skip = job.answered - first
+                answers = answers[_nth_line_end(answers, skip) + 1 :]
+                first, count, pushes, session = job.answered, count - skip, (), ipc.UNCHANGED
             acceptor.on_reply(job, first, count, answers, pushes, session)
             job.answered += count
             worker.load -= count
@@ -574,8 +583,8 @@ class Pool:
     def sweep_journal(self, worker: WorkerHandle) -> None:
         """Timer: deliver answers a busy worker finished but keeps back while a slow RPC runs."""
         worker.sweep_timer = None
-        if worker.dead or not worker.jobs:
-            return
+        if worker.dead or not _may_hold_back(worker):
+            return  # (send_batch arms the timer again when there is something to hold back)
         if time.monotonic_ns() - worker.board[ipc.BOARD_START_NS] > HOLDBACK_NS:
             self._apply_replies(worker, ipc.read_journal(worker.journal, worker.board))
         worker.sweep_timer = self.timers.call_later(JOURNAL_SWEEP_S, self.sweep_journal, worker)
@@ -711,6 +720,20 @@ class Pool:
                 pass  # its pipe was unregistered already at EOF
         worker.sock.close()
         self._release(worker)
+
+
+def _may_hold_back(worker: WorkerHandle) -> bool:
+    """Could the worker hold a finished answer back behind a slow RPC? Not with one line and
+    one job: then the running RPC is all it has (the CPU-heavy case: no sweeps, no wake-ups)."""
+    return worker.load > 1 or len(worker.jobs) > 1
+
+
+def _nth_line_end(lines: bytes, n: int) -> int:
+    """Index of the LF that ends the n-th line (1-based) of ``lines``."""
+    end = -1
+    for _ in range(n):
+        end = lines.index(b"\n", end + 1)
+    return end
 
 
 def _by_load(worker: WorkerHandle) -> tuple:

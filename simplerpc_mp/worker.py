@@ -28,7 +28,7 @@ log = logging.getLogger("simplerpc_mp.worker")
 
 _SESSION_PROTOCOL = pickle.HIGHEST_PROTOCOL
 # Replies wait at most this long for company before they are sent (see Worker.finished).
-FLUSH_AFTER_S = 0.002
+FLUSH_AFTER_NS = 2_000_000
 # 64 KiB reads: larger ones make CPython allocate (and mmap) the whole size on every call.
 RECV_BYTES = 64 * 1024
 
@@ -54,6 +54,7 @@ def worker_main(sock, board, journal, handlers_spec, options: dict, default_time
     except Exception as exc:  # an on_start function failed: same outcome as a broken import
         _boot_failed(sock, f"on_start function failed: {type(exc).__name__}: {exc}")
     sock.sendall(ipc.frame_record(ipc.pack((ipc.HELLO, os.getpid(), handlers.describe()))))
+    board = ipc.board_view(board)
     journal_writer = ipc.Journal(journal, board)
     Worker(sock, board, journal_writer, handlers, default_timeout, log_settings.get("access_log", False)).run()
 
@@ -95,7 +96,7 @@ class Worker:
     def __init__(self, sock: socket.socket, board, journal: ipc.Journal, handlers: Handlers,
                  default_timeout: float, access_log: bool):
         self.sock = sock
-        self.board = board
+        self.board = board  # an ipc.board_view
         self.journal = journal
         self.handlers = handlers
         self.ops = handlers.ops
@@ -103,8 +104,10 @@ class Worker:
         self.default_timeout_ms = int(default_timeout * 1000)
         self.access_log = access_log
         self.pid = os.getpid()
-        self.replies: list = []  # finished, not sent yet (each also in the journal)
-        self.last_send = 0.0
+        # Finished, not sent yet (each line also in the journal): [job_id, first, count, [answer, ...],
+        # pushes, session]; consecutive lines of a job share one reply (see ipc's docstring).
+        self.replies: list[list] = []
+        self.last_send_ns = 0
 
     def run(self) -> None:
         try:
@@ -131,49 +134,66 @@ class Worker:
 
     def send_replies(self) -> None:
         if self.replies:
-            self.sock.sendall(ipc.frame_record(ipc.pack((ipc.REPLY, self.replies))))
+            replies = [(job_id, first, count, b"".join(answers), pushes, session)
+                       for job_id, first, count, answers, pushes, session in self.replies]
+            self.sock.sendall(ipc.frame_record(ipc.pack((ipc.REPLY, replies))))
             self.replies = []
         self.journal.clear()  # after the send: what it held is now in the pipe
-        self.last_send = time.monotonic()
+        self.last_send_ns = time.monotonic_ns()
 
-    def finished(self, reply: tuple) -> None:
-        """One RPC (or hook) finished: journal its reply, send in batches.
+    def finished(self, job_id: int, line: int, count: int, answer: bytes, pushes, session) -> None:
+        """One RPC (or hook) finished: journal its reply, and queue it for the next send.
 
-        Replies are sent before the next job starts if 2 ms have passed since the last send, so
-        a slow RPC holds back other jobs' answers by at most that; a worker that dies loses
-        nothing, because the acceptor reads the journal.
+        Replies are sent when the batch is done, or before the next RPC starts once 2 ms have
+        passed since the last send, so a slow RPC holds back other jobs' answers by at most
+        that; a worker that dies loses nothing, because the acceptor reads the journal.
         """
-        self.replies.append(reply)
-        if not self.journal.append(ipc.pack(reply)):
-            self.send_replies()  # the journal is full: the pipe takes it all now
+        oversized = False
+        if not self.journal.append(job_id, line, count, answer, pushes, session):
+            self.send_replies()  # the journal is full: the pipe takes what it held
+            oversized = not self.journal.append(job_id, line, count, answer, pushes, session)
+        replies = self.replies
+        last = replies[-1] if replies else None
+        if last is not None and last[0] == job_id and last[1] + last[2] == line and not pushes and session is ipc.UNCHANGED:
+            last[2] += count
+            last[3].append(answer)
+        else:
+            replies.append([job_id, line, count, [answer], pushes or (), session])
+        if oversized:
+            self.send_replies()  # larger than the whole journal: it goes to the pipe at once
 
     def run_batch(self, jobs: list) -> None:
         board = self.board
+        clock = time.monotonic_ns
         for job_id, kind, net_id, payload, session_blob in jobs:
-            if self.replies and time.monotonic() - self.last_send > FLUSH_AFTER_S:
-                self.send_replies()
             board[ipc.BOARD_LINE] = 0
-            board[ipc.BOARD_START_NS] = time.monotonic_ns()
+            board[ipc.BOARD_START_NS] = clock()
             board[ipc.BOARD_TIMEOUT_MS] = self.default_timeout_ms
             board[ipc.BOARD_JOB] = job_id
             session = pickle.loads(session_blob) if session_blob else {}
             pushes: list = []
             if kind == ipc.CONNECT or kind == ipc.DISCONNECT:
                 self.run_hook(kind, Conn(net_id, session, pushes))
-                self.finished((job_id, 0, 0, b"", pushes, self.session_change(kind, session, session_blob)))
+                self.finished(job_id, 0, 0, b"", pushes, self.session_change(kind, session, session_blob))
                 continue
             conn = Conn(net_id, session, pushes, read_only=kind == ipc.CONCURRENT)
+            tracks_session = kind != ipc.CONCURRENT
             for index, line in enumerate(split_lines(payload)):
-                if index and time.monotonic() - self.last_send > FLUSH_AFTER_S:
+                now = clock()
+                if self.replies and now - self.last_send_ns > FLUSH_AFTER_NS:
                     self.send_replies()
                 board[ipc.BOARD_LINE] = index
-                board[ipc.BOARD_START_NS] = time.monotonic_ns()
+                board[ipc.BOARD_START_NS] = now
                 answer = self.run_line(conn, line)
-                change = self.session_change(kind, session, session_blob)
-                if change is not ipc.UNCHANGED:
-                    session_blob = change
-                self.finished((job_id, index, 1, answer, conn.pushes, change))
-                conn.pushes = []
+                change = ipc.UNCHANGED
+                if tracks_session and (session or session_blob):
+                    change = self.session_change(kind, session, session_blob)
+                    if change is not ipc.UNCHANGED:
+                        session_blob = change
+                pushes = conn.pushes
+                if pushes:
+                    conn.pushes = []
+                self.finished(job_id, index, 1, answer, pushes, change)
         board[ipc.BOARD_JOB] = 0
 
     @staticmethod
