@@ -1,7 +1,8 @@
 """Baseline (b), asyncio + ProcessPoolExecutor: the server of ``baseline_single`` with each RPC sent
 to a ``concurrent.futures.ProcessPoolExecutor``, what a user writes by hand today to use every
 core. Answers keep the client's order (a connection's futures are answered oldest first); the
-line is decoded, run and encoded in the pool process; pushes come back with the answer.
+line is decoded, run and encoded in the pool process (with the standard library's json, or
+``--codec mp``); pushes come back with the answer.
 
     python -m bench.baseline_pool --port 0 --handlers bench.handlers --workers 2
 """
@@ -17,16 +18,17 @@ from concurrent.futures import ProcessPoolExecutor
 from simplerpc_mp.handlers import Conn, load_handlers
 
 try:
-    from bench.baseline_single import Hub, RPCProtocol, answer_line, parse_args, serve
+    from bench.baseline_single import Hub, RPCProtocol, answer_line, parse_args, serve, use_codec
 except ImportError:  # run as a script: python bench/baseline_pool.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench.baseline_single import Hub, RPCProtocol, answer_line, parse_args, serve
+    from bench.baseline_single import Hub, RPCProtocol, answer_line, parse_args, serve, use_codec
 
 _handlers = None  # the handler registry of this pool process
 
 
-def _load(spec: str) -> None:
+def _load(spec: str, codec: str) -> None:
     global _handlers
+    use_codec(codec)
     _handlers = load_handlers(spec)
 
 
@@ -71,7 +73,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     hub = Hub(load_handlers(args.handlers))
     workers = args.workers or os.cpu_count() or 1
-    with ProcessPoolExecutor(workers, initializer=_load, initargs=(args.handlers,)) as pool:
+    with ProcessPoolExecutor(workers, initializer=_load, initargs=(args.handlers, args.codec)) as pool:
         # Start the pool processes before announcing, as simplerpc-mp boots its workers first.
         list(pool.map(abs, range(workers * 4)))
         asyncio.run(serve(args.host, args.port, lambda: PoolProtocol(hub, pool), f" (pool of {workers})"))

@@ -1,10 +1,13 @@
 """Baseline (a), single process: an asyncio server speaking the simplerpc protocol that runs each
 handler in its event loop, as the original simplerpc does. Honest and idiomatic: an
 ``asyncio.Protocol`` (no per-line coroutine), the answers of one read written in one
-``transport.write``, the same frame codec (``simplerpc_mp.protocol``) and handler modules as
-simplerpc-mp.
+``transport.write``, the same handler modules as simplerpc-mp, and the JSON a user's server
+uses: ``json.loads`` and ``json.dumps`` of the standard library, as the original does (with
+compact separators, so answers are byte for byte what simplerpc-mp sends and the load
+generator checks both alike). ``--codec mp`` uses simplerpc-mp's own codec instead
+(``simplerpc_mp.protocol``, orjson when installed): the row that isolates the architecture.
 
-    python -m bench.baseline_single --port 0 --handlers bench.handlers
+    python -m bench.baseline_single --port 0 --handlers bench.handlers [--codec mp]
 
 Prints ``listening on HOST:PORT`` once it accepts connections; stops on SIGTERM or SIGINT.
 """
@@ -13,18 +16,48 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 
-from simplerpc_mp.errors import UNKNOWN_MESSAGE, UNKNOWN_REASON, SimpleRPCException, UnknownOpcode
+from simplerpc_mp import protocol
+from simplerpc_mp.errors import UNKNOWN_MESSAGE, UNKNOWN_REASON, MalformedPayload, SimpleRPCException, UnknownOpcode
 from simplerpc_mp.handlers import BROADCAST, Conn, Handlers, load_handlers
-from simplerpc_mp.protocol import decode_frame, encode_fail, encode_frame
+
+
+def stdlib_decode(line: bytes) -> tuple[str, dict]:
+    """The original's Payload.from_string, on bytes: the op is what precedes the first ``{``."""
+    op, brace, rest = line.partition(b"{")
+    if not brace:
+        raise MalformedPayload("JSON data not found")
+    if not op:
+        raise MalformedPayload("Could not find opcode")
+    try:
+        data = json.loads(brace + rest)
+    except ValueError:
+        raise MalformedPayload(f"JSON malformed for opcode: {op!r}") from None
+    if type(data) is not dict:
+        raise MalformedPayload("JSON payload is not an object")
+    return op.decode(), data
+
+
+def stdlib_encode(op: str, data: dict) -> bytes:
+    return b"%s%s\n" % (op.encode(), json.dumps(data, separators=(",", ":")).encode())
+
+
+CODECS = {"stdlib": (stdlib_decode, stdlib_encode), "mp": (protocol.decode_frame, protocol.encode_frame)}
+decode, encode = CODECS["stdlib"]
+
+
+def use_codec(name: str) -> None:
+    global decode, encode
+    decode, encode = CODECS[name]
 
 
 def answer_line(handlers: Handlers, conn: Conn, line: bytes) -> bytes:
     """Run one RPC line (without its LF) and return its encoded answer, as a worker does."""
     try:
-        op, data = decode_frame(line)
+        op, data = decode(line)
         entry = handlers.ops.get(op)
         if entry is not None:
             result = entry.fn(conn, data)
@@ -34,11 +67,11 @@ def answer_line(handlers: Handlers, conn: Conn, line: bytes) -> bytes:
             raise UnknownOpcode(f"no handler for op {op!r}")
         if type(result) is not dict:
             result = (conn.okay_data or {}) if result is None else {"result": result}
-        return encode_frame("OKAY", result)
+        return encode("OKAY", result)
     except SimpleRPCException as exc:
-        return encode_fail(exc.reason, str(exc))
+        return encode("FAIL", {"reason": exc.reason, "message": str(exc)})
     except Exception:
-        return encode_fail(UNKNOWN_REASON, UNKNOWN_MESSAGE)
+        return encode("FAIL", {"reason": UNKNOWN_REASON, "message": UNKNOWN_MESSAGE})
 
 
 class Hub:
@@ -109,11 +142,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--handlers", default="bench.handlers")
     parser.add_argument("--workers", type=int, default=0, help="pool size (baseline_pool only; 0 = cores)")
+    parser.add_argument("--codec", choices=sorted(CODECS), default="stdlib", help="JSON codec (see the module docstring)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    use_codec(args.codec)
     hub = Hub(load_handlers(args.handlers))
     asyncio.run(serve(args.host, args.port, lambda: RPCProtocol(hub)))
 

@@ -45,8 +45,18 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 PRIMES_N = 10_000
 SCENARIOS = ("echo", "pingpong", "cpu", "payload64k", "fanout", "idle")
-SERVERS = ("mp", "single", "pool")
-SERVER_NAMES = {"mp": "simplerpc-mp", "single": "single-process", "pool": "asyncio+pool"}
+# The targets compare "mp" (as installed: orjson, a core dependency) with "single" and "pool",
+# which use the standard library's json as a user's own server does. "mp-stdlib" (our workers on
+# the standard library's json) and "single-mp" (the single-process baseline on our codec) show
+# how much of the difference is the codec and how much the architecture.
+SERVERS = ("mp", "mp-stdlib", "single", "single-mp", "pool")
+SERVER_NAMES = {
+    "mp": "simplerpc-mp",
+    "mp-stdlib": "mp, stdlib json",
+    "single": "single-process",
+    "single-mp": "single, mp codec",
+    "pool": "asyncio+pool",
+}
 
 # Durations in seconds: (quick, full).
 TIMES = {
@@ -82,15 +92,20 @@ class ServerUnderTest:
     def __init__(self, kind: str, workers: int, root: Path = REPO):
         self.kind = kind
         py = sys.executable
-        if kind == "mp" or kind.startswith("mp:"):
+        env = dict(os.environ)
+        env.pop("SIMPLERPC_MP_JSON", None)
+        if kind == "mp" or kind.startswith("mp:") or kind == "mp-stdlib":
             args = [py, "-m", "simplerpc_mp", "serve", "--port", "0", "--workers", str(workers),
                     "--handlers", HANDLERS, "--log-level", "warning"]
-        elif kind == "single":
-            args = [py, "-m", "bench.baseline_single", "--port", "0", "--handlers", HANDLERS]
+            if kind == "mp-stdlib":
+                env["SIMPLERPC_MP_JSON"] = "stdlib"
+        elif kind in ("single", "single-mp"):
+            args = [py, "-m", "bench.baseline_single", "--port", "0", "--handlers", HANDLERS,
+                    "--codec", "mp" if kind == "single-mp" else "stdlib"]
         else:
             args = [py, "-m", "bench.baseline_pool", "--port", "0", "--handlers", HANDLERS, "--workers", str(workers)]
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{kind}-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=self.log,
+        self.proc = subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=self.log, env=env,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         self.pid = self.proc.pid
         self.host, self.port = "", 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import re
 import shutil
 import signal
@@ -82,8 +83,13 @@ def test_python_m_equals_the_script():
 
 
 def test_shell_completion_is_offered():
-    result = run("--show-completion", "bash", env={"SHELL": "/bin/bash"})
-    assert result.returncode == 0
+    # --show-completion finds the shell among the process's ancestors (shellingham), so run it
+    # from bash as a user would: under a test runner whose shell has gone it finds none.
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SIMPLERPC_MP_")} | {"SHELL": "/bin/bash"}
+    command = f"{shlex.quote(sys.executable)} -m simplerpc_mp --show-completion bash; exit $?"  # (not exec'd)
+    result = subprocess.run(["bash", "-c", command], cwd=REPO, env=full_env, capture_output=True, text=True,
+                            timeout=CLI_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
     assert "complete -o default -F _simplerpc_mp_completion simplerpc-mp" in result.stdout
     # and completes the generated flags
     completion = run(env={"COMP_WORDS": "simplerpc-mp serve --max-re", "COMP_CWORD": "2",
