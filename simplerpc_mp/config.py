@@ -32,6 +32,8 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .protocol import JSON_CODEC_ENV  # read by the codec itself, at import
+
 __all__ = [
     "Setting", "SETTINGS", "SETTINGS_BY_NAME", "Settings", "ConfigError", "ENV_PREFIX", "CONFIG_ENV",
     "resolve", "load_toml", "where_from", "render_default_toml", "render_markdown",
@@ -339,7 +341,7 @@ def resolve(
 
 def _check_env_names(env: Mapping[str, str]) -> None:
     """A misspelt variable would otherwise be ignored without a word, like a misspelt key."""
-    known = {s.env for s in SETTINGS} | {CONFIG_ENV}
+    known = {s.env for s in SETTINGS} | {CONFIG_ENV, JSON_CODEC_ENV}
     for name in env:
         if name.startswith(ENV_PREFIX) and name not in known:
             raise ConfigError(f"environment variable {name}: unknown setting{_suggest(name, known)}")

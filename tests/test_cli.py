@@ -479,3 +479,12 @@ def test_bench_unreachable_exits_3():
 ])
 def test_bench_bad_arguments_exit_2(args, fragment):
     assert_one_line_error(run("bench", "127.0.0.1:1", *args), 2, fragment)
+
+
+def test_the_json_codec_variable_is_not_taken_for_a_misspelt_setting():
+    """SIMPLERPC_MP_JSON picks the codec (protocol.JSON_CODEC_ENV); the settings check, which
+    refuses unknown SIMPLERPC_MP_* variables, must let it through."""
+    result = run("check", "--handlers", "workers.echo", env={"SIMPLERPC_MP_JSON": "stdlib"})
+    assert result.returncode == 0, result.stderr
+    assert_one_line_error(run("check", "--handlers", "workers.echo", env={"SIMPLERPC_MP_JSONN": "x"}), 2,
+                          "SIMPLERPC_MP_JSONN")

@@ -3,27 +3,43 @@
 Example tests feed each stream whole, one byte at a time, several frames per chunk and with a
 trailing partial frame; ``hypothesis`` checks the same properties on generated streams and
 splits; a corpus of bad frames sits beside the reason each must give.
+
+Every codec test runs with both codecs (the ``codec`` fixture), and the orjson path is checked
+against plain ``json`` on generated texts and values: same result or same error, byte for byte.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import datetime
+import enum
+import functools
 import json
 import math
+import os
+import reprlib
+import subprocess
+import sys
 import time
+import uuid
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from simplerpc_mp import protocol
 from simplerpc_mp.errors import MalformedPayload
-from simplerpc_mp.protocol import (
-    DEFAULT_MAX_FRAME_BYTES,
-    FrameDecoder,
-    decode_frame,
-    encode_fail,
-    encode_frame,
-    split_lines,
-)
+from simplerpc_mp.protocol import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, split_lines
+
+try:
+    import orjson
+except ImportError:  # the standard-library codec alone is tested
+    orjson = None
+
+# The orjson path is there to test unless SIMPLERPC_MP_JSON=stdlib kept protocol from importing
+# orjson, or this orjson writes otherwise than the checks expect (test_orjson_is_the_codec_when_installed fails).
+ORJSON_PATH = protocol._orjson is not None and protocol._orjson_writes_like_json()
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -148,17 +164,17 @@ def test_empty_lines_are_lines():
 @JSON_EXAMPLES
 @given(frames, st.lists(st.integers(min_value=0, max_value=10_000), max_size=30))
 def test_any_split_of_a_valid_stream_gives_the_same_frames(items, cuts):
-    encoded = [encode_frame(op, data) for op, data in items]
+    encoded = [protocol.encode_frame(op, data) for op, data in items]
     stream = b"".join(encoded)
     lines = feed_all(FrameDecoder(), split_at(stream, cuts))
     assert lines == [frame[:-1] for frame in encoded]
-    assert [decode_frame(line) for line in lines] == items
+    assert [protocol.decode_frame(line) for line in lines] == items
 
 
 @JSON_EXAMPLES
 @given(frames, st.binary(max_size=50).map(lambda b: b.replace(b"\n", b"")))
 def test_byte_by_byte_with_trailing_partial(items, tail):
-    encoded = [encode_frame(op, data) for op, data in items]
+    encoded = [protocol.encode_frame(op, data) for op, data in items]
     stream = b"".join(encoded) + tail
     decoder = FrameDecoder()
     lines = feed_all(decoder, [stream[i : i + 1] for i in range(len(stream))])
@@ -259,47 +275,64 @@ def test_byte_at_a_time_costs_linear_time(line_bytes):
     assert large / small < 24, (small, large)
 
 
+# -- codec: both of them --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["stdlib", "orjson"])
+def codec(request):
+    """The protocol module with one codec switched in, for the tests of this module only."""
+    if request.param == "orjson" and not ORJSON_PATH:
+        pytest.skip("no orjson the codec can use")  # test_orjson_is_the_codec_when_installed says why
+    decode, frame = protocol._CODECS[request.param]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(protocol, "decode_frame", decode)
+        patch.setattr(protocol, "_frame", frame)
+        patch.setattr(protocol, "JSON_CODEC", request.param)
+        yield protocol
+
+
 # -- codec: decode(encode(x)) == x ---------------------------------------------------------------
 
 
 @JSON_EXAMPLES
 @given(op_names, json_objects)
-def test_decode_encode_roundtrip(op, data):
-    frame = encode_frame(op, data)
+def test_decode_encode_roundtrip(codec, op, data):
+    frame = codec.encode_frame(op, data)
     assert frame.endswith(b"\n") and frame.count(b"\n") == 1
-    assert decode_frame(frame[:-1]) == (op, data)
+    assert codec.decode_frame(frame[:-1]) == (op, data)
 
 
 @JSON_EXAMPLES
 @given(op_names, json_objects)
-def test_roundtrip_survives_a_crlf_line_end(op, data):
+def test_roundtrip_survives_a_crlf_line_end(codec, op, data):
     """The original strips white space around the JSON, so a CR before the LF is accepted."""
-    assert decode_frame(encode_frame(op, data)[:-1] + b"\r") == (op, data)
+    assert codec.decode_frame(codec.encode_frame(op, data)[:-1] + b"\r") == (op, data)
 
 
 @given(st.text(max_size=30), st.text(max_size=60))
-def test_encode_fail_roundtrip(reason, message):
-    assert decode_frame(encode_fail(reason, message)[:-1]) == ("FAIL", {"reason": reason, "message": message})
+def test_encode_fail_roundtrip(codec, reason, message):
+    answer = codec.decode_frame(codec.encode_fail(reason, message)[:-1])
+    assert answer == ("FAIL", {"reason": reason, "message": message})
 
 
 @pytest.mark.parametrize("op", ["", "a{b", "a\nb", "{"])
-def test_encode_frame_refuses_bad_op_names(op):
+def test_encode_frame_refuses_bad_op_names(codec, op):
     with pytest.raises(ValueError):
-        encode_frame(op, {})
+        codec.encode_frame(op, {})
 
 
 @pytest.mark.parametrize("data", [{"x": object()}, {"x": {1, 2}}, {"x": b"bytes"}])
-def test_encode_frame_refuses_what_json_cannot_encode(data):
+def test_encode_frame_refuses_what_json_cannot_encode(codec, data):
     with pytest.raises((TypeError, ValueError)):
-        encode_frame("op", data)
+        codec.encode_frame("op", data)
 
 
 # -- codec: arbitrary bytes raise only MalformedPayload ---------------------------------------------
 
 
-def _decode_or_malformed(line: bytes) -> None:
+def _decode_or_malformed(codec, line: bytes) -> None:
     try:
-        op, data = decode_frame(line)
+        op, data = codec.decode_frame(line)
     except MalformedPayload as exc:
         assert str(exc)  # a precise message, never an empty one
         return
@@ -312,13 +345,13 @@ def _decode_or_malformed(line: bytes) -> None:
 @example(b"op{")
 @example(b"op{\xff}")
 @example(b"op{" + b"[" * 5000)
-def test_decode_frame_arbitrary_bytes_raise_only_malformed_payload(line):
-    _decode_or_malformed(line)
+def test_decode_frame_arbitrary_bytes_raise_only_malformed_payload(codec, line):
+    _decode_or_malformed(codec, line)
 
 
 @given(op_names, st.text(max_size=200))
-def test_decode_frame_json_like_text_raises_only_malformed_payload(op, text):
-    _decode_or_malformed(op.encode() + b"{" + text.encode("utf-8", "surrogatepass"))
+def test_decode_frame_json_like_text_raises_only_malformed_payload(codec, op, text):
+    _decode_or_malformed(codec, op.encode() + b"{" + text.encode("utf-8", "surrogatepass"))
 
 
 json_tokens = st.sampled_from(['{', '}', '[', ']', ',', ':', '"a"', '"\\ud800"', '1', '-0', '1e999', '-1e-999',
@@ -326,8 +359,8 @@ json_tokens = st.sampled_from(['{', '}', '[', ']', ',', ':', '"a"', '"\\ud800"',
 
 
 @given(op_names, st.lists(json_tokens, max_size=60))
-def test_decode_frame_token_soup_raises_only_malformed_payload(op, tokens):
-    _decode_or_malformed(op.encode() + b"{" + "".join(tokens).encode())
+def test_decode_frame_token_soup_raises_only_malformed_payload(codec, op, tokens):
+    _decode_or_malformed(codec, op.encode() + b"{" + "".join(tokens).encode())
 
 
 # -- hostile payloads -----------------------------------------------------------------------------
@@ -343,16 +376,16 @@ def test_decode_frame_token_soup_raises_only_malformed_payload(op, tokens):
     ],
     ids=["open-lists", "closed-lists-not-object", "lists-in-object", "objects"],
 )
-def test_deep_nesting_is_malformed_payload(payload):
+def test_deep_nesting_is_malformed_payload(codec, payload):
     line = b"echo" + payload if payload.startswith(b"{") else b"echo{\"a\":" + payload + b"}"
     with pytest.raises(MalformedPayload):
-        decode_frame(line)
+        codec.decode_frame(line)
 
 
-def test_deep_nesting_does_not_break_later_decoding():
+def test_deep_nesting_does_not_break_later_decoding(codec):
     with pytest.raises(MalformedPayload):
-        decode_frame(b'echo{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
-    assert decode_frame(b'echo{"a":[[1]]}') == ("echo", {"a": [[1]]})
+        codec.decode_frame(b'echo{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert codec.decode_frame(b'echo{"a":[[1]]}') == ("echo", {"a": [[1]]})
 
 
 @pytest.mark.parametrize(
@@ -366,20 +399,20 @@ def test_deep_nesting_does_not_break_later_decoding():
         b'ec\x80ho{"a":1}',
     ],
 )
-def test_invalid_utf8_is_malformed_payload(line):
+def test_invalid_utf8_is_malformed_payload(codec, line):
     with pytest.raises(MalformedPayload, match="UTF-8"):
-        decode_frame(line)
+        codec.decode_frame(line)
 
 
-def test_huge_numbers():
+def test_huge_numbers(codec):
     """Floats past the double range become inf (as in Python's json); an integer of more than
     4300 digits is refused by Python's int limit, as a MalformedPayload, not a ValueError."""
-    assert decode_frame(b'echo{"n": 1e999999}') == ("echo", {"n": math.inf})
-    assert decode_frame(b'echo{"n": -1e999999}') == ("echo", {"n": -math.inf})
-    assert decode_frame(b'echo{"n": 1e-999999}') == ("echo", {"n": 0.0})
+    assert codec.decode_frame(b'echo{"n": 1e999999}') == ("echo", {"n": math.inf})
+    assert codec.decode_frame(b'echo{"n": -1e999999}') == ("echo", {"n": -math.inf})
+    assert codec.decode_frame(b'echo{"n": 1e-999999}') == ("echo", {"n": 0.0})
     with pytest.raises(MalformedPayload):
-        decode_frame(b'echo{"n": ' + b"9" * 5000 + b"}")
-    assert decode_frame(b'echo{"n": ' + b"9" * 4000 + b"}")[1]["n"] == 10**4000 - 1
+        codec.decode_frame(b'echo{"n": ' + b"9" * 5000 + b"}")
+    assert codec.decode_frame(b'echo{"n": ' + b"9" * 4000 + b"}")[1]["n"] == 10**4000 - 1
 
 
 # The corpus: each bad frame beside (a fragment of) the message that names what is wrong.
@@ -406,9 +439,9 @@ BAD_FRAMES = [
 
 
 @pytest.mark.parametrize("line,message", BAD_FRAMES, ids=[repr(line[:24]) for line, _ in BAD_FRAMES])
-def test_bad_frame_corpus(line, message):
+def test_bad_frame_corpus(codec, line, message):
     with pytest.raises(MalformedPayload) as info:
-        decode_frame(line)
+        codec.decode_frame(line)
     assert message in str(info.value)
     assert info.value.reason == "MalformedPayload"
 
@@ -424,25 +457,343 @@ def test_bad_frame_corpus(line, message):
         (b'echo{"a":"\\ud800"}', ("echo", {"a": "\ud800"})),  # an escaped lone surrogate is valid JSON
     ],
 )
-def test_good_frames_at_the_edges(line, want):
-    assert decode_frame(line) == want
+def test_good_frames_at_the_edges(codec, line, want):
+    assert codec.decode_frame(line) == want
 
 
-def test_answers_and_pushes_share_one_codec():
-    assert json.loads(encode_frame("OKAY", {"a": [1]})[4:]) == {"a": [1]}
-    assert decode_frame(encode_fail("FrameTooLarge", "too long")[:-1]) == (
+def test_answers_and_pushes_share_one_codec(codec):
+    assert json.loads(codec.encode_frame("OKAY", {"a": [1]})[4:]) == {"a": [1]}
+    assert codec.decode_frame(codec.encode_fail("FrameTooLarge", "too long")[:-1]) == (
         "FAIL",
         {"reason": "FrameTooLarge", "message": "too long"},
     )
 
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
-def test_encode_refuses_values_that_are_not_json(value):
+def test_encode_refuses_values_that_are_not_json(codec, value):
     with pytest.raises(ValueError):
-        encode_frame("op", {"n": value})
+        codec.encode_frame("op", {"n": value})
 
 
 @pytest.mark.parametrize("text", [b'op{"n": NaN}', b'op{"n": Infinity}', b'op{"n": -Infinity}'])
-def test_decode_refuses_nan_and_infinity_literals(text):
+def test_decode_refuses_nan_and_infinity_literals(codec, text):
     with pytest.raises(MalformedPayload):
-        decode_frame(text)
+        codec.decode_frame(text)
+
+
+def test_encode_okay_is_an_okay_frame(codec):
+    data = {"a": [1, None, 2.5], "s": "é"}
+    assert codec.encode_okay(data) == codec.encode_frame("OKAY", data)
+    assert codec.encode_okay({}) == b"OKAY{}\n"
+
+
+# -- codec: the orjson path answers as json does, byte for byte and error for error --------------
+
+needs_orjson = pytest.mark.skipif(not ORJSON_PATH, reason="no orjson the codec can use")
+_json_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_json_loads = json.JSONDecoder(parse_constant=protocol._refuse_constant).decode
+
+
+def json_decode_frame(line: bytes) -> tuple[str, dict]:
+    """The oracle: decode_frame as it was, on plain json, before it had a fast path."""
+    brace = line.find(b"{")
+    if brace < 0:
+        raise MalformedPayload("JSON data not found")
+    if brace == 0:
+        raise MalformedPayload("Could not find opcode")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedPayload(f"frame is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+    op = text[: text.index("{")]
+    try:
+        data = _json_loads(text[len(op) :])
+    except ValueError as exc:
+        raise MalformedPayload(f"JSON malformed for opcode: {op}: {exc}") from None
+    except RecursionError:
+        raise MalformedPayload(f"JSON nested too deeply for opcode: {op}") from None
+    if type(data) is not dict:
+        raise MalformedPayload(f"JSON payload for opcode {op} is not an object")
+    return op, data
+
+
+def json_line(data) -> bytes:
+    """The oracle: the JSON of ``data`` and an LF, as encode_frame wrote it on plain json."""
+    return (_json_dumps(data) + "\n").encode("utf-8")
+
+
+def decoded(decode, line: bytes):
+    """What ``decode`` makes of ``line``: ``repr`` tells 1 from 1.0 and -0.0 from 0.0, and keeps key order."""
+    try:
+        op, data = decode(line)
+    except MalformedPayload as exc:
+        return "MalformedPayload", str(exc)
+    return op, repr(data)
+
+
+def encoded(encode, data):
+    try:
+        return encode(data)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return type(exc), str(exc)
+
+
+def assert_decodes_as_json(line: bytes) -> None:
+    want = decoded(json_decode_frame, line)
+    assert decoded(protocol._decode_frame_stdlib, line) == want
+    assert decoded(protocol._decode_frame_orjson, line) == want
+
+
+def assert_encodes_as_json(data) -> None:
+    want = encoded(json_line, data)
+    for frame in (protocol._frame_stdlib, protocol._frame_orjson):
+        assert encoded(functools.partial(frame, b""), data) == want
+        assert encoded(functools.partial(frame, b"OKAY"), data) == (b"OKAY" + want if type(want) is bytes else want)
+
+
+# Everything orjson would take otherwise: text with lone surrogates, DEL and every plane; integers
+# past 64 bits; floats of every spelling, NaN and the infinities; keys json turns into strings.
+any_text = st.text(st.characters(exclude_categories=()), max_size=12)
+wide_ints = (
+    st.integers()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**19, -(10**19), 10**30])
+)
+edge_floats = st.floats() | st.sampled_from(
+    [0.0, -0.0, 1e-4, 9.999e-5, 1e-5, 1.5e-7, 1e-10, 1e16, 1e-16, 5e-324, 1.7976931348623157e308]
+    + [2.0**63, -(2.0**64), 1e22]
+)
+json_keys = any_text | st.integers() | edge_floats | st.booleans() | st.none()
+python_scalars = st.none() | st.booleans() | wide_ints | edge_floats | any_text
+python_values = st.recursive(
+    python_scalars,
+    lambda children: st.lists(children, max_size=4)
+    | st.lists(children, max_size=3).map(tuple)
+    | st.dictionaries(json_keys, children, max_size=4),
+    max_leaves=15,
+)
+python_objects = st.dictionaries(json_keys, python_values, max_size=5)
+
+
+@st.composite
+def json_lines(draw) -> bytes:
+    """A frame of any JSON object, in any spelling json writes, often with one byte changed."""
+    text = json.dumps(
+        draw(python_objects),
+        ensure_ascii=draw(st.booleans()),
+        separators=draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,\t", " :\r")])),
+    )
+    text += draw(st.sampled_from(["", " ", "\r", "\t\n ", "\x0c", "\ufeff", "x", "}", ",{}"]))  # after the object
+    line = draw(op_names).encode() + text.encode("utf-8", "surrogatepass")
+    if draw(st.booleans()):
+        at = draw(st.integers(min_value=0, max_value=len(line)))
+        stray = draw(st.sampled_from([b"", b"{", b"}", b"[", b"]", b",", b":", b'"', b"\\", b"-", b"0", b"e", b"\xff"]))
+        stray += draw(st.sampled_from([b"", b" ", b"9" * 25]))
+        line = line[:at] + stray + line[at + draw(st.integers(min_value=0, max_value=2)) :]
+    return line
+
+
+@needs_orjson
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(json_lines())
+def test_orjson_decoding_is_json_decoding(line):
+    assert_decodes_as_json(line)
+
+
+@needs_orjson
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(python_objects)
+def test_orjson_encoding_is_json_encoding(data):
+    assert_encodes_as_json(data)
+
+
+@needs_orjson
+@settings(max_examples=1000)
+@given(edge_floats)
+@example(1e-5)
+@example(1.5e-7)
+def test_orjson_floats_are_json_floats(value):
+    assert_encodes_as_json({"f": value, "l": [value]})
+    if math.isfinite(value):
+        assert_decodes_as_json(b'op{"f":%s}' % repr(value).encode())
+
+
+@needs_orjson
+@settings(max_examples=200)
+@given(st.from_regex(r"-?(0|[1-9][0-9]{0,24})(\.[0-9]{1,30})?([eE][-+]?[0-9]{1,3})?", fullmatch=True))
+def test_orjson_reads_numbers_as_json_does(number):
+    """Integers past 64 bits, floats with more digits than a double holds, past its range."""
+    assert_decodes_as_json(b'op{"n":%s,"l":[%s]}' % (number.encode(), number.encode()))
+
+
+def _nested(depth: int, opening: bytes, closing: bytes) -> bytes:
+    return b'op{"a":' + opening * depth + b"1" + closing * depth + b"}"
+
+
+@needs_orjson
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'op{"n":18446744073709551615}',  # the widest integer orjson reads as one
+        b'op{"n":18446744073709551616}',  # one more, which orjson reads as a float
+        b'op{"n":-9223372036854775809}',
+        b'op{"n":-9223372036854775808}',
+        b'op{"n":100000000000000000000000,"m":1}',
+        b'op{"n":' + b"9" * 4000 + b"}",
+        b'op{"n":' + b"9" * 5000 + b"}",  # past Python's int digits limit: malformed
+        b'op{"pad":"' + b"x" * 2000 + b'","n":18446744073709551616}',  # a long line, few values
+        b'op{"v":' + json.dumps(list(range(3000)) + [2**64]).encode() + b"}",  # a long line, many values
+        b'op{"v":' + json.dumps(list(range(3000)) + [2.0**64]).encode() + b"}",  # a true wide float
+        b'op{"t":1715000000123456789,"s":"12345678901234567890"}',  # 19 digits that fit, 20 in a string
+        b'op{"a":"\\ud800","b":"\\udc00\\ud800"}',  # lone surrogates, which orjson refuses
+        b'op{"a":"\\ud83d\\ude00"}',
+        b'op{"a":1,"b":2,"a":3}',  # the last of duplicate keys wins, in the first one's place
+        b'op{"a":-0,"b":-0.0,"c":0e0,"d":-1e-400}',
+        b'op{"a":1e400,"b":-1e400,"c":1.7976931348623159e308}',  # past the double range: inf
+        b'op{"a":1e-400,"b":2.2250738585072011e-308,"c":4.9e-324}',
+        b'op{"a":0.' + b"3" * 5000 + b"}",
+        b'op{"a":1.00000000000000011102230246251565404236316680908203125}',  # halfway between doubles
+        b'op{"a":9007199254740993}',
+        b'op{"a":NaN}',
+        b'op{"a":-Infinity}',
+        b'op{"a":1}\x0c',
+        b'op{"a":1} \t\r\n',
+        b'op\xef\xbb\xbf{"a":1}',  # a BOM belongs to the OPNAME
+        b'op{\xef\xbb\xbf"a":1}',
+        b'\xc3\xa9{"a":"\xc3\xa9","n":18446744073709551616}',  # a non-ASCII OPNAME shifts offsets
+        b'\xc3\xa9{"a":tru}',
+        b'op{"a":"\x7f","b":"\x00"}',
+        b'op{"a":"\\u0000"}',
+        b'op{"a":[1,2,]}',
+        b'op{"a":01}',
+        b'op{"a":"\xed\xa0\x80"}',  # an encoded surrogate: not UTF-8
+        b'op{"a":"\xf4\x90\x80\x80"}',  # past U+10FFFF
+        _nested(250, b"[", b"]"),  # a short line, 251 levels
+        _nested(255, b"[", b"]"),
+        _nested(256, b"[", b"]"),
+        _nested(300, b"[", b"]"),
+        _nested(300, b'{"a":', b"}"),
+        _nested(600, b"[", b"]"),
+        _nested(1010, b"[", b"]"),  # within orjson's 1023 levels, past json's recursion limit
+        _nested(1010, b'{"a":', b"}"),
+        _nested(1030, b"[", b"]"),  # past both
+        _nested(5000, b'{"a":', b"}"),
+        b'op{"v":[' + b"0," * 3000 + _nested(1010, b"[", b"]")[7:-1] + b"]}",  # deep, after many values
+    ],
+    ids=lambda line: repr(line[:40]),
+)
+def test_orjson_edge_cases_decode_as_json(line):
+    assert_decodes_as_json(line)
+
+
+class Colour(enum.IntEnum):
+    RED = 1
+
+
+class Letter(enum.StrEnum):
+    A = "a"
+
+
+Point = collections.namedtuple("Point", "x y")
+
+
+class Ratio(float):
+    pass
+
+
+def _circular() -> dict:
+    data: dict = {"a": []}
+    data["a"].append(data)
+    return data
+
+
+def _deep(depth: int) -> list:
+    data: list = []
+    for _ in range(depth):
+        data = [data]
+    return data
+
+
+@needs_orjson
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"n": 2**64, "m": -(2**63) - 1},
+        {1: "a", 2.5: "b", False: "c", None: "d"},  # keys json turns into strings
+        {"a": float("nan")},
+        {"a": [1.0, float("inf")]},
+        {"a": (1, 2.5, "x"), "b": Point(1, 2)},
+        {"a": collections.OrderedDict(b=1), "c": collections.defaultdict(list, d=[1])},
+        {"a": Colour.RED, Letter.A: Letter.A, "r": Ratio(0.5)},
+        {"a": "\ud800", "b": "\x7f", "c": "é€😀", "d": "\x00\x1f\"\\/"},
+        {"b": "\x7f"},  # DEL: json escapes it
+        {"c": "é€😀"},
+        {"a": datetime.date(2024, 1, 1)},
+        {"a": dataclasses.make_dataclass("Pair", ["x"])(1)},
+        {"a": object()},
+        {"a": b"bytes", "b": {1, 2}},
+        {(1, 2): "tuple key"},
+        {"a": _deep(300)},  # past orjson's 254 levels
+        {"a": _deep(5000)},  # past the recursion limit: RecursionError, as before
+        _circular(),
+        {"null": None, "text": "null e- 0.0000"},  # the byte filters hit, and nothing is wrong
+        {"f": [1e-4, 1e-5, 1e16, 1e-16, 123456.789, -0.0]},
+        {"blob": "x" * 70_000, "tiny": 1e-7},  # a long answer: the walk, not the byte filters
+        {"many": list(range(5000)) + [1e-7]},
+        {"many": list(range(5000)) + [float("nan")]},
+    ],
+    ids=lambda data: reprlib.repr(data)[:40],  # reprlib stops at 6 levels: the deep and circular ones
+)
+def test_orjson_edge_cases_encode_as_json(data):
+    assert_encodes_as_json(data)
+
+
+@needs_orjson
+@pytest.mark.parametrize("make", [_circular, lambda: {"a": _circular()}, lambda: [_circular()]])
+def test_circular_references_are_value_errors(make):
+    for frame in (protocol._frame_stdlib, protocol._frame_orjson):
+        with pytest.raises(ValueError, match="Circular reference detected"):
+            frame(b"OKAY", make())
+
+
+@needs_orjson
+def test_what_orjson_encodes_and_json_refuses():
+    """The listed differences (protocol's docstring): if orjson stops taking these, say so there."""
+
+    class Shape(enum.Enum):
+        SQUARE = "square"
+
+    value = uuid.UUID(int=5)
+    for data, spelled in [
+        ({"s": Shape.SQUARE}, b'{"s":"square"}\n'),
+        ({"u": value}, b'{"u":"%s"}\n' % str(value).encode()),
+        ({"f": orjson.Fragment(b"[1]")}, b'{"f":[1]}\n'),
+    ]:
+        assert protocol._frame_orjson(b"", data) == spelled
+        with pytest.raises(TypeError):
+            protocol._frame_stdlib(b"", data)
+
+
+def test_orjson_is_the_codec_when_installed():
+    if os.environ.get(protocol.JSON_CODEC_ENV) == "stdlib" or orjson is None:
+        assert protocol.JSON_CODEC == "stdlib"
+    else:
+        # Else this orjson spells floats or strings in a way the checks do not cover.
+        assert protocol._orjson_writes_like_json(), orjson.__version__
+        assert protocol.JSON_CODEC == "orjson"
+
+
+@pytest.mark.parametrize("setting", ["stdlib", "orjson", ""])
+def test_the_environment_picks_the_codec(setting):
+    env = {**os.environ, protocol.JSON_CODEC_ENV: setting}
+    probe = (
+        "from simplerpc_mp import protocol as p; "
+        "print(p.JSON_CODEC, p.decode_frame.__name__, p._orjson is not None and p._orjson_writes_like_json())"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    codec, decoder, usable = out.split()
+    assert decoder == f"_decode_frame_{codec}"
+    if setting == "stdlib" or orjson is None:
+        assert (codec, usable) == ("stdlib", "False")  # and orjson not even imported
+    else:
+        assert codec == ("orjson" if usable == "True" else "stdlib")
