@@ -114,9 +114,12 @@ class Journal:
 
     def clear(self) -> None:
         if self.offset:
-            self.board[BOARD_JOURNAL_GEN] += 1  # first: a reader copying now will notice
+            # Size first, then generation: a reader that saw the old size sees the generation
+            # change by the time it re-checks (the other order let a reader pair the new
+            # generation with the old size and accept a copy torn by the next appends).
             self.offset = 0
             self.board[BOARD_JOURNAL_BYTES] = 0
+            self.board[BOARD_JOURNAL_GEN] += 1
 
 
 def read_journal(shared, board) -> list:
@@ -130,9 +133,11 @@ def read_journal(shared, board) -> list:
         return []  # cleared while we copied: all of it went down the pipe
     replies = []
     offset = 0
-    while offset + _RECORD.size <= size:
+    while offset + _RECORD_SIZE <= size:
         job_id, first, count, answer_len, extra_len = _RECORD.unpack_from(data, offset)
-        body = offset + _RECORD.size
+        body = offset + _RECORD_SIZE
+        if body + answer_len + extra_len > size:
+            break  # cannot happen with the seqlock; never parse past what was copied
         answer = data[body : body + answer_len]
         pushes, session = pickle.loads(data[body + answer_len : body + answer_len + extra_len]) if extra_len else _NO_EXTRA
         replies.append((job_id, first, count, answer, pushes, session))

@@ -372,7 +372,8 @@ def _frame_orjson(prefix: bytes, data) -> bytes:
         out = _orjson_dumps(data, None, _ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError: a type, key or int it won't take, or deep nesting
         return _frame_stdlib(prefix, data)
-    if out.isascii() and out.find(b"\x7f") < 0:
+    # (An orjson.Fragment is written verbatim: a raw LF in it would split the frame.)
+    if out.isascii() and out.find(b"\x7f") < 0 and out.find(_NL) == len(out) - 1:
         if len(out) > _SHORT_JSON_BYTES:
             if not _long_json_may_misspell(out, data):
                 return prefix + out

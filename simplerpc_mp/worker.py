@@ -166,6 +166,10 @@ class Worker:
         board = self.board
         clock = time.monotonic_ns
         for job_id, kind, net_id, payload, session_blob in jobs:
+            # Flushes happen while the board still names the RPC that finished (so a death in
+            # the send does not count the next one as started), and before its clock starts.
+            if self.replies and clock() - self.last_send_ns > FLUSH_AFTER_NS:
+                self.send_replies()
             board[ipc.BOARD_LINE] = 0
             board[ipc.BOARD_START_NS] = clock()
             board[ipc.BOARD_TIMEOUT_MS] = self.default_timeout_ms
@@ -179,11 +183,13 @@ class Worker:
             conn = Conn(net_id, session, pushes, read_only=kind == ipc.CONCURRENT)
             tracks_session = kind != ipc.CONCURRENT
             for index, line in enumerate(split_lines(payload)):
-                now = clock()
-                if self.replies and now - self.last_send_ns > FLUSH_AFTER_NS:
-                    self.send_replies()
-                board[ipc.BOARD_LINE] = index
-                board[ipc.BOARD_START_NS] = now
+                if index:
+                    now = clock()
+                    if self.replies and now - self.last_send_ns > FLUSH_AFTER_NS:
+                        self.send_replies()
+                        now = clock()
+                    board[ipc.BOARD_LINE] = index
+                    board[ipc.BOARD_START_NS] = now
                 answer = self.run_line(conn, line)
                 change = ipc.UNCHANGED
                 if tracks_session and (session or session_blob):

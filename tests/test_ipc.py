@@ -1,6 +1,8 @@
 """The worker journal's record format, on real shared memory (the crash tests cover its use)."""
 
+import itertools
 import multiprocessing
+import threading
 
 from simplerpc_mp import ipc
 
@@ -44,3 +46,95 @@ def test_the_board_view_writes_what_the_ctypes_array_reads():
     view = ipc.board_view(raw)
     view[ipc.BOARD_START_NS] = 1 << 60
     assert raw[ipc.BOARD_START_NS] == 1 << 60 and len(view) == ipc.BOARD_SLOTS
+
+
+class Lockstep:
+    """Runs a writer thread one shared-slot store at a time, so a reader can be placed between
+    any two stores: each store waits until the test allows it (the writer parks before it)."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.allowed = 0  # stores the writer may make
+        self.done = 0
+        self.parked = False
+        self.finished = False
+
+    def before_store(self):
+        with self.cond:
+            self.parked = True
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.done < self.allowed)
+            self.parked = False
+
+    def after_store(self):
+        with self.cond:
+            self.done += 1
+            self.cond.notify_all()
+
+    def finish(self):
+        with self.cond:
+            self.finished = True
+            self.cond.notify_all()
+
+    def let_writer_make(self, stores: int):
+        with self.cond:
+            self.allowed = max(self.allowed, stores)
+            self.cond.notify_all()
+            assert self.cond.wait_for(lambda: self.finished or (self.done >= stores and self.parked), timeout=10)
+
+
+class SteppedBoard:
+    def __init__(self, board, step: Lockstep):
+        self.board, self.step = board, step
+
+    def __getitem__(self, slot):
+        return self.board[slot]
+
+    def __setitem__(self, slot, value):
+        self.step.before_store()
+        self.board[slot] = value
+        self.step.after_store()
+
+
+def test_a_live_read_overlapping_a_clear_and_the_next_append_is_whole_or_nothing():
+    """Regression: clear() bumped the generation before zeroing the size, so a reader that read
+    the new generation and the old size accepted a copy torn by the next append (the acceptor
+    then crashed unpickling garbage). The real clear() and append() run one store at a time
+    against read_journal, with the reader's slot reads and its copy placed between every pair."""
+    outcomes = set()
+    # Stores made before the reader's generation read, its size read, its copy, its re-check.
+    for cuts in itertools.combinations_with_replacement(range(4), 4):
+        journal, shared, board = make_journal()
+        for line in range(4):
+            journal.append(7, line, 1, b'OKAY{"i":%d}\n' % line, [(1, b"n{}\n")] if line == 2 else [], ipc.UNCHANGED)
+        step = Lockstep()
+        journal.board = SteppedBoard(board, step)
+
+        def writer():
+            try:
+                journal.clear()  # two stores: size, generation
+                # As long as line 0's record: a torn copy then parses as line 4 and old lines 1-3.
+                journal.append(7, 4, 1, b'OKAY{"i":4}\n', [], ipc.UNCHANGED)
+            finally:
+                step.finish()
+
+        reads = iter(cuts)
+
+        class ReaderBoard:
+            def __getitem__(self, slot):
+                step.let_writer_make(next(reads))
+                value = board[slot]
+                if slot == ipc.BOARD_JOURNAL_BYTES:
+                    step.let_writer_make(next(reads))  # the writer goes on before the copy
+                return value
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            replies = ipc.read_journal(shared, ReaderBoard())
+        finally:
+            step.let_writer_make(3)
+            thread.join(10)
+        outcomes.add(tuple(reply[1] for reply in replies))
+    assert outcomes <= {(), (0, 1, 2, 3), (4,)}, outcomes
+    assert (0, 1, 2, 3) in outcomes and () in outcomes
