@@ -44,6 +44,7 @@ _ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 ACCEPT_PAUSE_S = 0.5
 
 OPEN, EOF, CLOSED = range(3)
+_SCAN_WHOLE_CHUNK_BYTES = 4096  # see Acceptor._has_concurrent
 
 _FRAME_TOO_LARGE = FrameTooLarge.__name__
 _SHUTTING_DOWN = ShuttingDown.__name__
@@ -290,12 +291,24 @@ class Acceptor:
         conn.next_seq += count
 
     def _has_concurrent(self, chunk: bytes) -> bool:
-        """Does a line of the chunk call a concurrent op? (a scan in C, not a loop over lines)"""
-        if chunk.startswith(self.concurrent_heads):
+        """Does a line of the chunk call a concurrent op?
+
+        Many short lines: a substring search per op, in C. Long lines: a look at each line's
+        start, found with memchr (a substring search over 64 KiB of one line took ~20 us per op).
+        """
+        heads = self.concurrent_heads
+        if chunk.startswith(heads):
             return True
-        for needle in self.concurrent_needles:
-            if needle in chunk:
+        if len(chunk) <= _SCAN_WHOLE_CHUNK_BYTES:
+            for needle in self.concurrent_needles:
+                if needle in chunk:
+                    return True
+            return False
+        end = chunk.find(b"\n")
+        while 0 <= end < len(chunk) - 1:  # another line starts after this LF
+            if chunk.startswith(heads, end + 1):
                 return True
+            end = chunk.find(b"\n", end + 1)
         return False
 
     def _enqueue_mixed(self, conn: Connection, chunk: bytes) -> None:
