@@ -12,6 +12,7 @@ uses the helpers below.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -688,11 +689,11 @@ def test_workers_dying_at_start_back_off_then_the_server_stops(start_server, tmp
     wait_until(lambda: all(gone(pid) for pid in pids), 2, what="the workers to be gone")
 
 
-def test_journal_replies_ahead_of_unread_pipe_data_are_not_applied_out_of_turn():
-    """Regression: the live-journal sweep may see replies the worker logged after a pipe send
-    the acceptor has only partly read. Applying one of those early made the late pipe reply for
-    the line before it look like a duplicate: one RPC lost its answer, another got two, and the
-    connection stalled. Drives the real Acceptor and Pool over real sockets, in that order."""
+@contextlib.contextmanager
+def one_job_on_a_fake_worker(requests: bytes):
+    """The real Acceptor and Pool, one real client connection that sent ``requests`` (one job),
+    dispatched to a worker that is only a socketpair: the test plays the worker's replies.
+    Yields (pool, worker, conn, job_id, read_answers(n_bytes): flush, then read that many bytes)."""
     from simplerpc_mp import ipc
     from simplerpc_mp.acceptor import Acceptor
     from simplerpc_mp.config import Settings
@@ -707,7 +708,7 @@ def test_journal_replies_ahead_of_unread_pipe_data_are_not_applied_out_of_turn()
         client = socket.create_connection(listener.getsockname())
         served, _ = listener.accept()
         conn = acceptor.add_connection(served, "peer")
-        client.sendall(b"echo{}\necho{}\necho{}\nslow{}\n")
+        client.sendall(requests)
         acceptor.on_read(conn)
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
@@ -719,7 +720,31 @@ def test_journal_replies_ahead_of_unread_pipe_data_are_not_applied_out_of_turn()
         worker.booted = True
         pool.workers.append(worker)
         pool.send_batch(worker, [acceptor.ready.popleft()])
-        job_id = worker.jobs[0].job_id
+
+        def read_answers(size: int) -> bytes:
+            acceptor.flush()
+            client.settimeout(5)
+            received = b""
+            while len(received) < size:
+                received += client.recv(4096)
+            return received
+
+        try:
+            yield pool, worker, conn, worker.jobs[0].job_id, read_answers
+        finally:
+            client.close()
+            theirs.close()
+            ours.close()
+
+
+def test_journal_replies_ahead_of_unread_pipe_data_are_not_applied_out_of_turn():
+    """Regression: the live-journal sweep may see replies the worker logged after a pipe send
+    the acceptor has only partly read. Applying one of those early made the late pipe reply for
+    the line before it look like a duplicate: one RPC lost its answer, another got two, and the
+    connection stalled. Drives the real Acceptor and Pool over real sockets, in that order."""
+    from simplerpc_mp import ipc
+
+    with one_job_on_a_fake_worker(b"echo{}\necho{}\necho{}\nslow{}\n") as (pool, worker, conn, job_id, read_answers):
 
         def reply(i):
             return (job_id, i, 1, b'OKAY{"i":%d}\n' % i, [], ipc.UNCHANGED)
@@ -728,16 +753,9 @@ def test_journal_replies_ahead_of_unread_pipe_data_are_not_applied_out_of_turn()
         pool._apply_replies(worker, [reply(2)])  # the live journal, already past that message
         pool._apply_replies(worker, [reply(1)])  # the rest of the pipe message
         pool._apply_replies(worker, [reply(2), reply(3)])  # the next pipe message
-        acceptor.flush()
-        client.settimeout(5)
-        received = b""
-        while received.count(b"\n") < 4:
-            received += client.recv(4096)
-        assert received == b'OKAY{"i":0}\nOKAY{"i":1}\nOKAY{"i":2}\nOKAY{"i":3}\n'
+        expected = b'OKAY{"i":0}\nOKAY{"i":1}\nOKAY{"i":2}\nOKAY{"i":3}\n'
+        assert read_answers(len(expected)) == expected
         assert conn.write_seq == conn.next_seq == 4 and not conn.done and not worker.jobs
-        client.close()
-        theirs.close()
-        ours.close()
 
 
 def test_a_pipe_reply_for_several_lines_after_the_journal_gave_some_of_them():
@@ -745,32 +763,8 @@ def test_a_pipe_reply_for_several_lines_after_the_journal_gave_some_of_them():
     already have delivered the first lines of that run (one record per line): the acceptor must
     take the rest of the run, once each, and not apply the skipped lines' pushes again."""
     from simplerpc_mp import ipc
-    from simplerpc_mp.acceptor import Acceptor
-    from simplerpc_mp.config import Settings
-    from simplerpc_mp.supervisor import Pool, WorkerHandle
-    from simplerpc_mp.timers import Timers
 
-    settings = Settings()
-    with selectors.DefaultSelector() as selector, socket.create_server(("127.0.0.1", 0)) as listener:
-        timers = Timers()
-        acceptor = Acceptor(settings, selector, timers)
-        pool = Pool(settings, "tests.handlers.basic", selector, timers, acceptor, lambda: None, lambda: None)
-        client = socket.create_connection(listener.getsockname())
-        served, _ = listener.accept()
-        conn = acceptor.add_connection(served, "peer")
-        client.sendall(b"echo{}\necho{}\necho{}\necho{}\necho{}\n")
-        acceptor.on_read(conn)
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-
-        class NoProcess:
-            pid, sentinel = 0, None
-
-        worker = WorkerHandle(1, NoProcess(), ours, [0] * ipc.BOARD_SLOTS, None, 0, 0)
-        worker.booted = True
-        pool.workers.append(worker)
-        pool.send_batch(worker, [acceptor.ready.popleft()])
-        job_id = worker.jobs[0].job_id
+    with one_job_on_a_fake_worker(b"echo{}\n" * 5) as (pool, worker, conn, job_id, read_answers):
         push = [(conn.net_id, b"note{}\n")]
 
         def answers(*indexes):
@@ -781,14 +775,6 @@ def test_a_pipe_reply_for_several_lines_after_the_journal_gave_some_of_them():
         pool._apply_replies(worker, [(job_id, 0, 4, answers(0, 1, 2, 3), push, ipc.UNCHANGED)])  # pipe
         pool._apply_replies(worker, [(job_id, 2, 1, answers(2), [], ipc.UNCHANGED)])  # stale journal
         pool._apply_replies(worker, [(job_id, 4, 1, answers(4), [], ipc.UNCHANGED)])  # pipe
-        acceptor.flush()
-        client.settimeout(5)
         expected = b"note{}\n" + answers(0, 1, 2, 3, 4)
-        received = b""
-        while len(received) < len(expected):
-            received += client.recv(4096)
-        assert received == expected
+        assert read_answers(len(expected)) == expected
         assert conn.write_seq == conn.next_seq == 5 and not conn.done and not worker.jobs
-        client.close()
-        theirs.close()
-        ours.close()
