@@ -3,8 +3,9 @@ when installed), on typical payloads.
 
     python bench/json_compare.py [--quick]
 
-For each payload: ``decode`` (a request line's JSON bytes to a dict: ``json.loads(bytes.decode())``
-as ``protocol.decode_frame`` does, ``orjson.loads(bytes)``), ``encode`` (a dict to the bytes of
+The raw libraries, not ``simplerpc_mp.protocol`` (which uses orjson where its result is json's
+and json elsewhere: see its docstring). For each payload: ``decode`` (a request line's JSON bytes
+to a dict: ``json.loads(bytes.decode())``, ``orjson.loads(bytes)``), ``encode`` (a dict to the bytes of
 an answer: the compact ``JSONEncoder`` + ``.encode()``, ``orjson.dumps``) and ``both`` (what an
 echo RPC costs a worker in JSON). Microseconds per operation (best of 5 timings) and the
 speed-up over the standard library. It also says whether each library's bytes equal the
