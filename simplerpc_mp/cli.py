@@ -24,6 +24,7 @@ from rich.text import Text
 
 from .config import CONFIG_ENV, SETTINGS, ConfigError, Settings, render_default_toml, render_markdown, resolve, where_from
 from .logs import configure_logging
+from .protocol import JSON_CODEC, JSON_CODEC_ENV
 
 __all__ = ["app", "main"]
 
@@ -130,7 +131,7 @@ def serve(config: Optional[str] = None, **values) -> None:
         host, port = server.address
         typer.echo(
             f"simplerpc-mp listening on {host}:{port} (workers: {settings.worker_count}, pid {os.getpid()}, "
-            f"handlers: {spec}, config: {settings.config_file or '-'})"
+            f"handlers: {spec}, json: {JSON_CODEC}, config: {settings.config_file or '-'})"
         )
         sys.stdout.flush()
 
@@ -199,6 +200,7 @@ def check(config: Optional[str] = None, **values) -> None:
     if error:
         _fail(error, EXIT_HANDLERS)
     typer.echo(f"# handlers {spec}: OK ({summary})")
+    typer.echo(f"# json codec: {JSON_CODEC} ({JSON_CODEC_ENV}=stdlib in the environment: the standard library)")
 
 
 def _toml(value: Any) -> str:

@@ -238,7 +238,7 @@ def test_serve_banner(start_server, tmp_path):
     server = start_server("--config", str(config))
     assert re.fullmatch(
         rf"simplerpc-mp listening on 127\.0\.0\.1:{server.port} \(workers: 2, pid {server.pid}, "
-        rf"handlers: tests\.handlers\.basic, config: {re.escape(str(config))}\)\n",
+        rf"handlers: tests\.handlers\.basic, json: (orjson|stdlib), config: {re.escape(str(config))}\)\n",
         server.banner,
     )
 
@@ -486,5 +486,6 @@ def test_the_json_codec_variable_is_not_taken_for_a_misspelt_setting():
     refuses unknown SIMPLERPC_MP_* variables, must let it through."""
     result = run("check", "--handlers", "workers.echo", env={"SIMPLERPC_MP_JSON": "stdlib"})
     assert result.returncode == 0, result.stderr
+    assert "\n# json codec: stdlib (" in result.stdout, result.stdout
     assert_one_line_error(run("check", "--handlers", "workers.echo", env={"SIMPLERPC_MP_JSONN": "x"}), 2,
                           "SIMPLERPC_MP_JSONN")
