@@ -240,7 +240,7 @@ class Worker:
         else:
             try:
                 answer = encode_okay(result)
-            except (TypeError, ValueError) as exc:  # not JSON: an object, NaN, a circular reference
+            except (TypeError, ValueError, RecursionError) as exc:  # not JSON: an object, NaN, a cycle, too deep
                 log.error("handler for op %r returned data JSON cannot encode (net_id %s, pid %s): %s", op, conn.net_id, self.pid, exc)
                 answer = encode_fail(UNKNOWN_REASON, UNKNOWN_MESSAGE)
         if own_timeout:

@@ -390,7 +390,7 @@ def test_vanish_without_reading_a_flood_of_answers(basic_server, vitals):
 # -- results that cannot be encoded ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("op", ["bad_result", "bad_push"])
+@pytest.mark.parametrize("op", ["bad_result", "bad_push", "deep_result"])
 def test_unencodable_result_or_push_fails_unknown_and_worker_survives(basic_server, vitals, op):
     with basic_server.client() as client:
         pushes = []
@@ -403,9 +403,9 @@ def test_unencodable_result_or_push_fails_unknown_and_worker_survives(basic_serv
         assert pushes == []
     # A result is encoded after the handler returned: one clear line. A push is encoded when the
     # handler calls conn.rpc: a handler error, with the traceback pointing at that call.
-    expected = "returned data JSON cannot encode" if op == "bad_result" else "failed"
+    expected = "failed" if op == "bad_push" else "returned data JSON cannot encode"
     log = basic_server.wait_log(rf"handler for op '{op}' {expected}")
-    assert "is not JSON serializable" in log
+    assert ("maximum recursion depth" if op == "deep_result" else "is not JSON serializable") in log
     vitals.assert_unharmed()
 
 

@@ -69,6 +69,14 @@ def bad_result(conn, data):
     return {"not json": object()}
 
 
+@handlers.on("deep_result")
+def deep_result(conn, data):
+    nested: list = []
+    for _ in range(100_000):  # deeper than any recursion limit: json's encoder gives up
+        nested = [nested]
+    return {"deep": nested}
+
+
 @handlers.on("bad_push")
 def bad_push(conn, data):
     conn.rpc("x", {"not json": object()})
