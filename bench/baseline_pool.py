@@ -54,19 +54,11 @@ class PoolProtocol(RPCProtocol):
             self.waiting.append(future)
 
     def answer_ready(self, _future) -> None:
-        out = []
         waiting = self.waiting
-        while waiting and waiting[0].done():
-            answer, pushes = waiting.popleft().result()
-            if pushes:
-                if out:
-                    self.transport.write(b"".join(out))
-                    out = []
-                for target, frame in pushes:
-                    self.hub.push(target, frame)
-            out.append(answer)
-        if out and not self.transport.is_closing():
-            self.transport.write(b"".join(out))
+        done = []
+        while waiting and waiting[0].done():  # the oldest first: answers keep the client's order
+            done.append(waiting.popleft().result())
+        self.send_answers(done)
 
 
 def main(argv=None) -> None:

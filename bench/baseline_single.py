@@ -108,19 +108,25 @@ class RPCProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()
+        self.send_answers(self.run(line) for line in lines)  # each RPC runs when its turn comes
+
+    def run(self, line: bytes) -> tuple[bytes, list]:
+        pushes: list = []
+        return answer_line(self.hub.handlers, Conn(self.net_id, self.session, pushes), line), pushes
+
+    def send_answers(self, answered) -> None:
+        """Write ``(answer, pushes)`` pairs in order: an RPC's pushes go out before its answer,
+        and the answers between pushes in one write."""
         out = []
-        for line in lines:
-            pushes: list = []
-            out.append(answer_line(self.hub.handlers, Conn(self.net_id, self.session, pushes), line))
-            if pushes:  # pushes made by an RPC go before its answer
-                last = out.pop()
+        for answer, pushes in answered:
+            if pushes:
                 if out:
                     self.transport.write(b"".join(out))
                     out = []
                 for target, frame in pushes:
                     self.hub.push(target, frame)
-                out.append(last)
-        if out:
+            out.append(answer)
+        if out and not self.transport.is_closing():
             self.transport.write(b"".join(out))
 
 

@@ -136,12 +136,13 @@ def read_journal(shared, board) -> list:
     while offset + _RECORD_SIZE <= size:
         job_id, first, count, answer_len, extra_len = _RECORD.unpack_from(data, offset)
         body = offset + _RECORD_SIZE
-        if body + answer_len + extra_len > size:
+        answer_end = body + answer_len
+        end = answer_end + extra_len
+        if end > size:
             break  # cannot happen with the seqlock; never parse past what was copied
-        answer = data[body : body + answer_len]
-        pushes, session = pickle.loads(data[body + answer_len : body + answer_len + extra_len]) if extra_len else _NO_EXTRA
-        replies.append((job_id, first, count, answer, pushes, session))
-        offset = body + answer_len + extra_len
+        pushes, session = pickle.loads(data[answer_end:end]) if extra_len else _NO_EXTRA
+        replies.append((job_id, first, count, data[body:answer_end], pushes, session))
+        offset = end
     return replies
 
 
