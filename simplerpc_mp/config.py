@@ -133,7 +133,7 @@ SETTINGS: tuple[Setting, ...] = (
     # -- server
     _s("host", str, "127.0.0.1", "Address to listen on (0.0.0.0 for every interface).", "server"),
     _s("port", int, 30000, "TCP port to listen on (0 picks a free one).", "server", minimum=0, maximum=65535),
-    _s("workers", int, 0, "Worker processes; 0 means one per CPU core.", "server", minimum=0),
+    _s("workers", int, 0, "Worker processes; 0 means one per CPU core.", "server", minimum=0, maximum=1024),
     _s("handlers", str, "", "Handler module, 'module' or 'module:attribute'; empty serves the built-in demo.", "server"),
     # -- workers
     _s("timeout", float, 30.0, "Seconds an RPC may run before its worker is replaced (0 = off).", "workers", minimum=0),
@@ -141,6 +141,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("max_requests", int, 0, "Recycle a worker after this many RPCs (0 = never).", "workers", minimum=0),
     _s("max_requests_jitter", int, 0, "Random extra RPCs (0..N) per worker before recycling, to spread restarts.", "workers", minimum=0),
     _s("max_worker_memory", int, 0, "Recycle a worker whose RSS passes this many MiB (0 = off).", "workers", minimum=0),
+    _s("spare_workers", int, 1, "Booted workers held in reserve, to replace a lost or retiring worker at once.", "workers", minimum=0, maximum=1024),
+    _s("boot_timeout", float, 60.0, "Seconds a worker may take to import the handlers and run on_start before it is killed.", "workers", minimum=0),
     # -- limits
     _s("max_frame_bytes", int, 1 * MiB, "Longest line a client may send; longer ones get FAIL FrameTooLarge.", "limits", minimum=64),
     _s("max_inflight", int, 128, "RPCs a connection may have unanswered before the server stops reading it.", "limits", minimum=1),
@@ -149,6 +151,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("output_soft_seconds", float, 60.0, "Seconds a connection may stay over output_soft_limit.", "limits", minimum=0),
     _s("max_connections", int, 10000, "Connections the server holds at once; more get FAIL TooManyConnections.", "limits", minimum=1),
     _s("idle_timeout", float, 0.0, "Close connections silent for this many seconds (0 = off).", "limits", minimum=0),
+    _s("max_answer_bytes", int, 16 * MiB, "Largest answer or push a handler may send; a larger answer becomes FAIL AnswerTooLarge, a larger push is dropped.", "limits", minimum=1024),
+    _s("max_session_bytes", int, 4 * MiB, "Largest pickled conn.session; a change past it fails the RPC with FAIL SessionTooLarge and is discarded.", "limits", minimum=1024),
+    _s("max_total_request_bytes", int, 256 * MiB, "Request bytes all connections together may hold buffered; past it the largest holders are not read.", "limits", minimum=1024),
+    _s("max_total_output_bytes", int, 512 * MiB, "Unsent output bytes all connections together may hold; past it the largest are closed first.", "limits", minimum=1024),
     # -- logging
     _s("log_level", str, "info", "Least severe level logged.", "logging", choices=("debug", "info", "warning", "error", "critical")),
     _s("log_format", str, "text", "Log line format: text (one line, pid included) or json (one object per line).", "logging", choices=("text", "json")),

@@ -132,8 +132,8 @@ def test_handlers_table_without_module_keeps_the_default(tmp_path):
     ("colour = 5\n", "{path}: unknown key colour; expected a setting"),
     ("[server]\nport = 1\n", "{path}: unknown table server; expected a setting"),
     # wrong type
-    ('workers = "four"\n', '{path}: key workers: expected an integer >= 0, got "four"'),
-    ("workers = 2.5\n", "{path}: key workers: expected an integer >= 0, got 2.5"),
+    ('workers = "four"\n', '{path}: key workers: expected an integer from 0 to 1024, got "four"'),
+    ("workers = 2.5\n", "{path}: key workers: expected an integer from 0 to 1024, got 2.5"),
     ("access_log = 1\n", "{path}: key access_log: expected true or false, got 1"),
     ("timeout = true\n", "{path}: key timeout: expected a number >= 0, got true"),
     ("host = 127\n", "{path}: key host: expected a string, got 127"),
@@ -183,7 +183,7 @@ def test_config_file_not_utf8(tmp_path):
 
 
 @pytest.mark.parametrize("env, expected", [
-    ({"SIMPLERPC_MP_WORKERS": "many"}, 'environment variable SIMPLERPC_MP_WORKERS: expected an integer >= 0, got "many"'),
+    ({"SIMPLERPC_MP_WORKERS": "many"}, 'environment variable SIMPLERPC_MP_WORKERS: expected an integer from 0 to 1024, got "many"'),
     ({"SIMPLERPC_MP_TIMEOUT": "30s"}, 'environment variable SIMPLERPC_MP_TIMEOUT: expected a number >= 0, got "30s"'),
     ({"SIMPLERPC_MP_ACCESS_LOG": "maybe"}, 'environment variable SIMPLERPC_MP_ACCESS_LOG: expected true or false, got "maybe"'),
     ({"SIMPLERPC_MP_PORT": "-1"}, 'environment variable SIMPLERPC_MP_PORT: expected an integer from 0 to 65535, got "-1"'),
@@ -196,7 +196,7 @@ def test_bad_environment(env, expected):
 
 
 def test_bad_command_line_value():
-    assert config_error(cli={"workers": -1}) == "option --workers: expected an integer >= 0, got -1"
+    assert config_error(cli={"workers": -1}) == "option --workers: expected an integer from 0 to 1024, got -1"
 
 
 def test_error_names_the_layer_that_won(tmp_path):
@@ -208,7 +208,7 @@ def test_error_names_the_layer_that_won(tmp_path):
 def test_with_changes_checks_values():
     settings = Settings()
     assert settings.with_changes(workers=3, timeout=1).workers == 3
-    with pytest.raises(ConfigError, match="setting workers: expected an integer >= 0, got -2"):
+    with pytest.raises(ConfigError, match="setting workers: expected an integer from 0 to 1024, got -2"):
         settings.with_changes(workers=-2)
     with pytest.raises(ConfigError, match="did you mean workers"):
         settings.with_changes(worker=2)
