@@ -12,8 +12,8 @@ Theory of operation:
    seqs ``first .. first+count-1``. Answers come back from workers keyed by seq and are written
    only in seq order (``write_seq``), so a client sees them in the order it sent the RPCs.
 3. A connection's jobs wait in ``conn.queue`` until they may run: a serial job when nothing else
-   of the connection runs, a concurrent job when no serial one does. Runnable jobs move to
-   ``ready``, from which the pool hands batches to workers.
+   of the connection runs, a concurrent job when no serial one does. Runnable jobs go to the
+   ``Scheduler`` (``scheduler.py``), which hands them to workers in fair turns across connections.
 4. Every accepted RPC gets exactly one answer: from a worker, or from here (``FrameTooLarge``),
    or from the supervisor (``WorkerCrashed``, ``Timeout``, ``ShuttingDown``).
 """
@@ -30,6 +30,7 @@ from . import ipc
 from .errors import FrameTooLarge, ShuttingDown, TooManyConnections
 from .handlers import BROADCAST
 from .protocol import FrameDecoder, encode_fail, split_lines
+from .scheduler import Scheduler
 
 log = logging.getLogger("simplerpc_mp.acceptor")
 
@@ -60,7 +61,7 @@ class Listener:
 class Job:
     """Lines of one connection that run together on one worker, and what became of them."""
 
-    __slots__ = ("job_id", "conn", "kind", "first", "count", "payload", "answered")
+    __slots__ = ("job_id", "conn", "kind", "first", "count", "payload", "answered", "sent_ns")
 
     def __init__(self, conn: "Connection", kind: int, first: int, count: int, payload: bytes):
         self.job_id = 0  # set when dispatched
@@ -70,6 +71,26 @@ class Job:
         self.count = count  # lines (0 for connect/disconnect hooks)
         self.payload = payload
         self.answered = 0  # lines whose answers have come back
+        self.sent_ns = 0  # when it went to a worker (for the scheduler's cost measurements)
+
+    def split(self, lines: int) -> "Job":
+        """Cut off and return the first ``lines`` lines as a job of their own; this job keeps the
+        rest. Both count as running for their connection (its order rules hold for the two)."""
+        end = nth_line_end(self.payload, lines) + 1
+        head = Job(self.conn, self.kind, self.first, lines, self.payload[:end])
+        self.payload = self.payload[end:]
+        self.first += lines
+        self.count -= lines
+        self.conn.running += 1
+        if self.kind != ipc.CONCURRENT:
+            self.conn.serial_running += 1
+        return head
+
+    def rest(self, from_line: int) -> "Job":
+        """A fresh job for this job's lines from ``from_line`` on (they never started), to take
+        its place: the connection's running counts don't change."""
+        payload = self.payload[nth_line_end(self.payload, from_line) + 1 :] if from_line else self.payload
+        return Job(self.conn, self.kind, self.first + from_line, self.count - from_line, payload)
 
     def line(self, index: int) -> bytes:
         return split_lines(self.payload)[index]
@@ -88,7 +109,7 @@ class Connection:
     __slots__ = (
         "net_id", "sock", "peer", "decoder", "queue", "running", "serial_running",
         "next_seq", "write_seq", "done", "session", "wbuf", "state", "events",
-        "last_active", "soft_since", "disconnect_queued",
+        "last_active", "soft_since", "disconnect_queued", "runnable", "scheduled", "ns_per_line",
     )
 
     def __init__(self, net_id: int, sock: socket.socket, peer, max_frame_bytes: int, now: float):
@@ -97,8 +118,11 @@ class Connection:
         self.peer = peer
         self.decoder = FrameDecoder(max_frame_bytes)
         self.queue: deque[Job] = deque()  # jobs that may not run yet, in seq order
-        self.running = 0  # jobs ready or on a worker
-        self.serial_running = False
+        self.runnable: deque[Job] = deque()  # jobs that may run now, waiting for a worker (Scheduler)
+        self.scheduled = False  # in one of the Scheduler's rings
+        self.ns_per_line = 0.0  # measured cost of its RPCs (Scheduler.measured), 0 = not yet
+        self.running = 0  # jobs runnable or on a worker
+        self.serial_running = 0  # serial jobs (or parts of one) runnable or on a worker
         self.next_seq = 0  # seq of the next RPC to arrive
         self.write_seq = 0  # seq of the next answer to write
         self.done: dict[int, tuple[bytes, int]] = {}  # answers that arrived ahead of their turn
@@ -122,7 +146,7 @@ class Acceptor:
         self.timers = timers
         self.listeners: list[Listener] = []
         self.conns: dict[int, Connection] = {}  # open connections by net_id, the push routing table
-        self.ready: deque[Job] = deque()  # jobs that may run now, waiting for a worker
+        self.scheduler = Scheduler()  # jobs that may run now, waiting for a worker
         self.dirty: list[Connection] = []  # connections with output to send this loop iteration
         self.next_net_id = 1
         self.now = 0.0
@@ -334,7 +358,7 @@ class Acceptor:
     # -- the order RPCs run in -----------------------------------------------------------------
 
     def advance(self, conn: Connection) -> None:
-        """Move the connection's jobs that may run now to ``ready``."""
+        """Move the connection's jobs that may run now to the scheduler."""
         queue = conn.queue
         while queue:
             job = queue[0]
@@ -344,22 +368,22 @@ class Acceptor:
             elif conn.running:
                 break
             else:
-                conn.serial_running = True
+                conn.serial_running += 1
             queue.popleft()
             conn.running += 1
-            self.ready.append(job)
+            self.scheduler.push(job)
         if conn.state == CLOSED and not queue and not conn.running and self.has_disconnect and not conn.disconnect_queued:
             conn.disconnect_queued = True
-            conn.serial_running = True
+            conn.serial_running += 1
             conn.running += 1
-            self.ready.append(Job(conn, ipc.DISCONNECT, conn.next_seq, 0, b""))
+            self.scheduler.push(Job(conn, ipc.DISCONNECT, conn.next_seq, 0, b""))
 
     def job_done(self, job: Job) -> None:
         """A job's last answer has arrived (or been given for it)."""
         conn = job.conn
         conn.running -= 1
         if job.kind != ipc.CONCURRENT:
-            conn.serial_running = False
+            conn.serial_running -= 1
         self.advance(conn)
         if conn.state == EOF:
             self._close_if_finished(conn)
@@ -368,14 +392,20 @@ class Acceptor:
         """Put the lines of a job that never started back in line (its worker died)."""
         conn = job.conn
         if from_line < job.count:
-            payload = b"".join(line + b"\n" for line in split_lines(job.payload)[from_line:])
-            rest = Job(conn, job.kind, job.first + from_line, job.count - from_line, payload)
+            rest = job.rest(from_line)
             index = 0
             while index < len(conn.queue) and conn.queue[index].first < rest.first:
                 index += 1
             conn.queue.insert(index, rest)
         elif job.kind in (ipc.CONNECT, ipc.DISCONNECT) and from_line == 0:
             conn.queue.appendleft(Job(conn, job.kind, job.first, 0, b""))
+
+    def take_back(self, jobs: list) -> None:
+        """Jobs (or the rest of one) that a worker has not started: first in line for another.
+
+        Unlike ``requeue`` they stay runnable: the connection's running counts already hold them.
+        """
+        self.scheduler.push_front(jobs)
 
     # -- answers and pushes ----------------------------------------------------------------
 
@@ -547,7 +577,7 @@ class Acceptor:
 
     def is_idle(self) -> bool:
         """Nothing left to run or to send."""
-        if self.ready:
+        if self.scheduler:
             return False
         return not any(conn.queue or conn.running or conn.wbuf or conn.unanswered for conn in self.conns.values())
 
@@ -562,12 +592,20 @@ class Acceptor:
                 self.complete(conn, conn.write_seq, fail, 1)
                 count += 1
             conn.queue.clear()
-        self.ready.clear()
+        self.scheduler.clear()
         return count
 
     def close_all(self, reason: str) -> None:
         for conn in list(self.conns.values()):
             self.close(conn, reason)
+
+
+def nth_line_end(lines: bytes, n: int) -> int:
+    """Index of the LF that ends the n-th line (1-based) of ``lines``."""
+    end = -1
+    for _ in range(n):
+        end = lines.index(b"\n", end + 1)
+    return end
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -16,6 +16,15 @@ worker -> acceptor::
     (HELLO, pid, info)            booted; info = Handlers.describe()
     (BOOT_ERROR, message)         the handler module cannot be used; exit follows
     (REPLY, [reply, ...])         reply = (job_id, first, count, answers, pushes, session)
+    (GIVE_BACK, job_id, line)     lines ``line ..`` of the job will not run here (a time slice
+                                  ended while others wait); sent after the replies of the lines before
+
+Taking jobs back: a worker *claims* each job before it starts it, under its claim lock (a
+process-shared semaphore): it skips a job whose id is at most ``BOARD_REVOKED``, and otherwise
+writes the id to ``BOARD_CLAIMED``. The acceptor, holding the same lock (never blocking on it),
+can then take back every job above ``BOARD_CLAIMED`` by raising ``BOARD_REVOKED`` to the last job
+it sent: those jobs will never start on that worker, whatever it is doing (a hung handler
+included). Job ids only grow, so one number says it all.
 
 ``payload`` is one or more complete lines, each ending in LF, exactly as the client sent them.
 ``answers`` are the encoded answer lines for lines ``first .. first+count-1`` of the job, in
@@ -32,14 +41,14 @@ import pickle
 import struct
 
 __all__ = [
-    "BATCH", "STOP", "HELLO", "BOOT_ERROR", "REPLY",
+    "BATCH", "STOP", "HELLO", "BOOT_ERROR", "REPLY", "GIVE_BACK",
     "SERIAL", "CONCURRENT", "CONNECT", "DISCONNECT", "UNCHANGED",
     "RecordReader", "frame_record", "pack", "unpack",
     "EXIT_BOOT_ERROR", "BOARD_SLOTS", "board_view", "JOURNAL_BYTES", "Journal", "read_journal",
 ]
 
 # message tags
-BATCH, STOP, HELLO, BOOT_ERROR, REPLY = range(5)
+BATCH, STOP, HELLO, BOOT_ERROR, REPLY, GIVE_BACK = range(6)
 # job kinds
 SERIAL, CONCURRENT, CONNECT, DISCONNECT = range(4)
 UNCHANGED = False
@@ -55,7 +64,12 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 # before each RPC, so the acceptor can tell, without a message, which RPC a worker is running
 # (for per-RPC timeouts, and to know after a crash which RPCs had not started).
 BOARD_JOB, BOARD_LINE, BOARD_START_NS, BOARD_TIMEOUT_MS, BOARD_JOURNAL_BYTES, BOARD_JOURNAL_GEN = range(6)
-BOARD_SLOTS = 6
+# Written by the worker under its claim lock: the last job it started (never goes down).
+# Written by the acceptor under that lock: jobs up to this id must not start (taken back).
+# Written by the acceptor: 1 while others wait for a worker (the worker then cuts a long job's
+# lines at a time slice and gives the rest back).
+BOARD_CLAIMED, BOARD_REVOKED, BOARD_YIELD = 6, 7, 8
+BOARD_SLOTS = 9
 
 def board_view(shared) -> memoryview:
     """The board's slots as a memoryview of int64: a slot read or write costs a tenth of what

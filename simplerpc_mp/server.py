@@ -205,7 +205,7 @@ class Server:
             timers.run_due(monotonic())
             pool.dispatch()
             acceptor.flush()
-            if acceptor.ready:  # a connection closed while flushing may have queued on_disconnect
+            if acceptor.scheduler:  # a connection closed while flushing may have queued on_disconnect
                 pool.dispatch()
             if self._stopping and acceptor.is_idle() and not pool.busy():
                 self._finish_stop()

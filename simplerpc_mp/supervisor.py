@@ -24,8 +24,9 @@ import time
 from collections import deque
 
 from . import ipc
-from .acceptor import Acceptor, Job
+from .acceptor import Acceptor, Job, nth_line_end
 from .errors import Timeout, WorkerCrashed
+from .scheduler import MAX_JOBS_PER_BATCH
 from .worker import worker_main
 
 log = logging.getLogger("simplerpc_mp.supervisor")
@@ -45,6 +46,9 @@ DUMP_GRACE_S = 0.2
 # 2 ms still lets batches of fast RPCs pipeline (an echo takes ~20 us); a worker on a slower
 # RPC gets its next batch when it has answered, one round trip (~0.1 ms) later.
 PREFETCH_MAX_AGE_NS = 2_000_000
+# Jobs a worker holds and has not started are taken back for a worker that could start them now
+# once the worker's current RPC has run this long (see Pool.balance).
+TAKE_BACK_AGE_NS = 2_000_000
 # While a worker's RPC has run longer than HOLDBACK_NS, the answers it finished before that RPC
 # are taken from its journal every JOURNAL_SWEEP_S, instead of waiting for the slow one to end.
 HOLDBACK_NS = 2_000_000
@@ -84,10 +88,12 @@ class WorkerHandle:
     __slots__ = (
         "worker_id", "process", "pid", "sock", "board", "journal", "reader", "wbuf", "jobs", "batches", "load",
         "booted", "accepting", "stopping", "dead", "lines_sent", "max_lines", "generation",
-        "check_timer", "sweep_timer", "timed_out", "boot_error", "retire_reason", "kill_timer", "replace_pending", "booted_at",
+        "check_timer", "sweep_timer", "timed_out", "boot_error", "retire_reason", "kill_timer", "booted_at",
+        "claim_lock", "spare", "yield_flag", "last_done_ns",
     )
 
-    def __init__(self, worker_id: int, process, sock: socket.socket, board, journal, generation: int, max_lines: int):
+    def __init__(self, worker_id: int, process, sock: socket.socket, board, journal, generation: int, max_lines: int,
+                 claim_lock=None, spare: bool = False):
         self.worker_id = worker_id
         self.process = process
         self.pid = process.pid
@@ -112,8 +118,16 @@ class WorkerHandle:
         self.boot_error = ""
         self.retire_reason = ""
         self.kill_timer = None
-        self.replace_pending = False  # to be retired once a replacement has booted
         self.booted_at = 0.0
+        self.claim_lock = claim_lock  # see ipc's docstring: taking jobs back
+        self.spare = spare  # booted (or booting) in reserve: takes no jobs until promoted
+        self.yield_flag = 0  # what we last wrote to its board's BOARD_YIELD
+        self.last_done_ns = 0  # when its last job finished (the scheduler's cost measurements)
+
+    @property
+    def serving(self) -> bool:
+        """Takes jobs now."""
+        return self.accepting and self.booted and not self.spare
 
 
 class Pool:
@@ -142,23 +156,25 @@ class Pool:
         self.crashes = 0
         self.timeouts = 0
         self._memory_timer = None
+        self._wake_timer = None  # wakes the loop when a take-back may become due
 
     # -- spawning ----------------------------------------------------------------------------
 
-    def spawn(self) -> WorkerHandle | None:
+    def spawn(self, spare: bool = False) -> WorkerHandle | None:
         """Start one worker; None (logged, and backed off like a boot failure) if the OS refused."""
         try:
-            return self._spawn()
+            return self._spawn(spare)
         except OSError as exc:  # out of descriptors, processes or memory: try again later
             if not self.ever_booted:
                 raise FatalError(f"cannot start a worker process: {exc}", 4) from None
             self._count_start_failure(f"cannot start a worker process: {exc}")
             return None
 
-    def _spawn(self) -> WorkerHandle:
+    def _spawn(self, spare: bool) -> WorkerHandle:
         settings = self.settings
         board = self.ctx.RawArray("q", ipc.BOARD_SLOTS)
         journal = self.ctx.RawArray("c", ipc.JOURNAL_BYTES)
+        claim_lock = self.ctx.Lock()
         ours, theirs = socket.socketpair()
         worker_id = self.next_worker_id
         self.next_worker_id += 1
@@ -170,7 +186,7 @@ class Pool:
         }
         process = self.ctx.Process(
             target=worker_main,
-            args=(theirs, board, journal, self.handlers_spec, dict(settings.handler_options), settings.timeout,
+            args=(theirs, board, journal, claim_lock, self.handlers_spec, dict(settings.handler_options), settings.timeout,
                   worker_id, log_settings, os.getpid()),
             name=f"simplerpc-mp-worker-{worker_id}",
             daemon=True,  # multiprocessing's atexit then ends it too, whatever happens to us
@@ -189,7 +205,8 @@ class Pool:
         max_lines = 0
         if settings.max_requests:
             max_lines = settings.max_requests + random.randint(0, settings.max_requests_jitter)
-        worker = WorkerHandle(worker_id, process, ours, ipc.board_view(board), journal, self.generation, max_lines)
+        worker = WorkerHandle(worker_id, process, ours, ipc.board_view(board), journal, self.generation, max_lines,
+                              claim_lock, spare)
         self.workers.append(worker)
         self.selector.register(ours, READ, worker)
         self.selector.register(process.sentinel, READ, Sentinel(worker))
@@ -199,28 +216,46 @@ class Pool:
     def start(self) -> None:
         for _ in range(self.target):
             self.spawn()
+        for _ in range(self.settings.spare_workers):
+            self.spawn(spare=True)
         if self.settings.max_worker_memory:
             self._memory_timer = self.timers.call_later(MEMORY_CHECK_INTERVAL_S, self.check_memory)
 
     def manage(self) -> None:
-        """Bring the number of serving workers to the target (gunicorn's manage_workers)."""
+        """Bring the serving workers to the target and the spares to ``spare_workers``
+        (gunicorn's manage_workers). A serving worker that is missing is replaced by a spare at
+        once (a booted one first); spares are then made up in the background."""
         if self.shutting_down:
             return
-        serving = [w for w in self.workers if w.accepting and not w.replace_pending and w.generation == self.generation]
+        current = [w for w in self.workers if w.accepting and w.generation == self.generation]
+        serving = [w for w in current if not w.spare]
+        spares = sorted((w for w in current if w.spare), key=lambda w: not w.booted)
         missing = self.target - len(serving)
-        if missing > 0:
+        while missing > 0 and spares:
+            self._promote(spares.pop(0))
+            missing -= 1
+        if missing < 0:
+            # Retire the newest first: the oldest have warm caches.
+            for worker in sorted(serving, key=lambda w: -w.worker_id)[:-missing]:
+                self.retire(worker, "scaling down")
+            missing = 0
+        for worker in spares[self.settings.spare_workers:]:
+            self.retire(worker, "more spare workers than spare_workers")
+        wanted = [False] * missing + [True] * max(0, self.settings.spare_workers - len(spares))
+        if wanted:
             now = time.monotonic()
             if now < self.respawn_after:
                 if self.respawn_timer is None:
                     self.respawn_timer = self.timers.call_at(self.respawn_after, self._respawn_due)
                 return
-            for _ in range(missing):
-                if self.spawn() is None:
+            for spare in wanted:
+                if self.spawn(spare) is None:
                     break  # refused: the back-off timer tries again
-        elif missing < 0:
-            # Retire the newest first: the oldest have warm caches.
-            for worker in sorted(serving, key=lambda w: -w.worker_id)[:-missing]:
-                self.retire(worker, "scaling down")
+
+    def _promote(self, worker: WorkerHandle) -> None:
+        worker.spare = False
+        log.info("worker %s (pid %s): spare %s now serving", worker.worker_id, worker.pid,
+                 "booted," if worker.booted else "(booting)")
 
     def _respawn_due(self) -> None:
         self.respawn_timer = None
@@ -229,33 +264,107 @@ class Pool:
     # -- dispatching -------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Hand the runnable jobs to workers, in batches, least-loaded worker first."""
-        ready = self.acceptor.ready
-        if not ready:
-            return
+        """Hand runnable jobs to workers in batches, least-loaded worker first, in the fair order
+        of the scheduler; then take back what waits behind a long RPC (``balance``)."""
+        scheduler = self.acceptor.scheduler
         now_ns = time.monotonic_ns()
-        targets = [
-            w for w in self.workers
-            if w.accepting and w.booted and (
+        if scheduler:
+            targets = [
+                w for w in self.workers
+                if w.accepting and w.booted and not w.spare and (
+                    not w.batches
+                    or (len(w.batches) < MAX_BATCHES_PER_WORKER and now_ns - w.board[ipc.BOARD_START_NS] < PREFETCH_MAX_AGE_NS)
+                )
+            ]
+            if len(targets) > 1:
+                targets.sort(key=_by_load)
+            for index, worker in enumerate(targets):
+                if not scheduler:
+                    break
+                share = -(-len(scheduler) // (len(targets) - index))
+                room = worker.max_lines - worker.lines_sent if worker.max_lines else 0
+                batch = scheduler.take_batch(min(share, MAX_JOBS_PER_BATCH), room)
+                if batch:
+                    self.send_batch(worker, batch, now_ns)
+        self.balance(now_ns)
+
+    def balance(self, now_ns: int) -> None:
+        """Tell each worker whether others wait (it then cuts a long job at a time slice), and
+        take back the jobs a worker has not started while its current RPC runs long, if another
+        worker could start them now. Costs a few slot reads per worker per loop pass."""
+        waiting = 1 if self.acceptor.scheduler else 0
+        wake_at = 0
+        for worker in self.workers:
+            if worker.dead or not worker.booted:
+                continue
+            board = worker.board
+            held = len(worker.jobs)
+            flag = 1 if waiting or held > 1 else 0
+            if flag != worker.yield_flag:
+                board[ipc.BOARD_YIELD] = flag
+                worker.yield_flag = flag
+            if held > 1 and board[ipc.BOARD_JOB]:
+                due = board[ipc.BOARD_START_NS] + TAKE_BACK_AGE_NS
+                if now_ns < due:
+                    wake_at = due if not wake_at else min(wake_at, due)
+                elif self._could_start_now(worker, now_ns) and not self.take_back(worker):
+                    wake_at = now_ns + 1_000_000  # its claim lock was busy: try again soon
+        if wake_at and self._wake_timer is None:
+            self._wake_timer = self.timers.call_at(wake_at / 1e9, self._wake)
+
+    def _wake(self) -> None:
+        """Timer: nothing to do but wake the loop, whose pass ends in ``dispatch``."""
+        self._wake_timer = None
+
+    def _could_start_now(self, busy: WorkerHandle, now_ns: int) -> bool:
+        return any(
+            w is not busy and w.accepting and w.booted and not w.spare and (
                 not w.batches
                 or (len(w.batches) < MAX_BATCHES_PER_WORKER and now_ns - w.board[ipc.BOARD_START_NS] < PREFETCH_MAX_AGE_NS)
             )
-        ]
-        if not targets:
-            return
-        if len(targets) > 1:
-            targets.sort(key=_by_load)
-        for index, worker in enumerate(targets):
-            share = -(-len(ready) // (len(targets) - index))
-            if share:
-                self.send_batch(worker, [ready.popleft() for _ in range(share)])
+            for w in self.workers
+        )
 
-    def send_batch(self, worker: WorkerHandle, batch: list[Job]) -> None:
+    def take_back(self, worker: WorkerHandle) -> bool:
+        """Take back the jobs the worker has not started (see ipc's docstring); False if its
+        claim lock was busy this instant (the worker was claiming a job)."""
+        if not worker.claim_lock.acquire(False):
+            return False
+        try:
+            claimed = worker.board[ipc.BOARD_CLAIMED]
+            jobs = worker.jobs
+            taken = []
+            while jobs and jobs[-1].job_id > claimed:
+                taken.append(jobs.pop())
+            if taken:
+                worker.board[ipc.BOARD_REVOKED] = taken[0].job_id
+        finally:
+            worker.claim_lock.release()
+        if not taken:
+            return True
+        taken.reverse()
+        lines = sum(job.count for job in taken)
+        worker.load -= lines
+        worker.lines_sent -= lines
+        last = jobs[-1].job_id if jobs else 0
+        batches = worker.batches
+        while batches and batches[-1] > last:
+            batches.pop()
+        if jobs and (not batches or batches[-1] < last):
+            batches.append(last)  # its current batch now ends with the job it runs
+        log.debug("took %d jobs back from worker %s (pid %s): its RPC runs long", len(taken), worker.worker_id, worker.pid)
+        self.acceptor.take_back(taken)
+        self._stop_if_done(worker)
+        return True
+
+    def send_batch(self, worker: WorkerHandle, batch: list[Job], now_ns: int = 0) -> None:
         items = []
         lines = 0
         job_id = self.next_job_id
+        now_ns = now_ns or time.monotonic_ns()
         for job in batch:
             job.job_id = job_id
+            job.sent_ns = now_ns
             job_id += 1
             lines += job.count
             items.append((job.job_id, job.kind, job.conn.net_id, job.payload, job.conn.session))
@@ -322,8 +431,10 @@ class Pool:
             tag = message[0]
             if tag == ipc.REPLY:
                 self._apply_replies(worker, message[1])
-                if not worker.jobs and worker.stopping is False and not worker.accepting:
-                    self._send_stop(worker)
+                self._stop_if_done(worker)
+            elif tag == ipc.GIVE_BACK:
+                self._on_give_back(worker, message[1], message[2])
+                self._stop_if_done(worker)
             elif tag == ipc.HELLO:
                 self._on_hello(worker, message[2])
             elif tag == ipc.BOOT_ERROR:
@@ -350,7 +461,7 @@ class Pool:
                 # A pipe reply for several lines whose first ones the journal delivered already:
                 # those lines' pushes and session change came with them; take the rest.
                 skip = job.answered - first
-                answers = answers[_nth_line_end(answers, skip) + 1 :]
+                answers = answers[nth_line_end(answers, skip) + 1 :]
                 first, count, pushes, session = job.answered, count - skip, (), ipc.UNCHANGED
             acceptor.on_reply(job, first, count, answers, pushes, session)
             job.answered += count
@@ -359,7 +470,31 @@ class Pool:
                 jobs.popleft()
                 if worker.batches and worker.batches[0] == job_id:
                     worker.batches.popleft()
+                now_ns = time.monotonic_ns()
+                acceptor.scheduler.measured(job.conn, job.count, now_ns - max(job.sent_ns, worker.last_done_ns))
+                worker.last_done_ns = now_ns
                 acceptor.job_done(job)
+
+    def _stop_if_done(self, worker: WorkerHandle) -> None:
+        """A retiring worker that holds nothing more (answered, given or taken back) is stopped."""
+        if not worker.jobs and worker.stopping is False and not worker.accepting and not worker.dead and worker.timed_out is None:
+            self._send_stop(worker)
+
+    def _on_give_back(self, worker: WorkerHandle, job_id: int, line: int) -> None:
+        """The worker cut a long job at a time slice: lines ``line ..`` go to the next turn."""
+        jobs = worker.jobs
+        job = jobs[0] if jobs else None
+        if job is None or job.job_id != job_id or job.answered != line:
+            # Its replies for the lines before come first on the pipe, so this can't happen.
+            raise RuntimeError(f"worker {worker.worker_id} gave back line {line} of job {job_id} out of turn")
+        jobs.popleft()
+        if worker.batches and worker.batches[0] == job_id:
+            worker.batches.popleft()
+        rest = job.count - line
+        worker.load -= rest
+        worker.lines_sent -= rest
+        worker.last_done_ns = time.monotonic_ns()
+        self.acceptor.take_back([job.rest(line)])
 
     def _on_hello(self, worker: WorkerHandle, info: dict) -> None:
         worker.booted = True
@@ -370,12 +505,20 @@ class Pool:
         if self.settings.timeout > 0:
             timeouts.append(self.settings.timeout)
         self.min_timeout_s = min(timeouts) if timeouts else 0.0
-        log.info("worker %s booted (pid %s)", worker.worker_id, worker.pid)
+        if worker.spare:
+            # A spare that boots before a serving worker of its generation takes that one's
+            # place: capacity comes first, the other becomes the spare once it boots.
+            for other in self.workers:
+                if (not other.spare and not other.booted and other.accepting
+                        and other.generation == worker.generation):
+                    other.spare, worker.spare = True, False
+                    break
+        log.info("worker %s booted (pid %s)%s", worker.worker_id, worker.pid, " as a spare" if worker.spare else "")
         self._hand_over()
         if not self.ever_booted:
             self.ever_booted = True
             self.on_first_boot()
-        if not self.announced and sum(w.booted for w in self.workers) >= self.target:
+        if not self.announced and sum(w.booted and not w.spare for w in self.workers) >= self.target:
             self._announce()
 
     def _announce(self) -> None:
@@ -387,28 +530,25 @@ class Pool:
             self.boot_failures = 0
 
     def _hand_over(self) -> None:
-        """Retire outgoing workers (older generation, or recycling) as booted new ones replace them.
+        """Retire the workers of an older generation (a reload) as booted new ones replace them.
 
         Capacity never drops: an outgoing worker keeps serving until a booted worker of the
         current generation takes its place.
         """
         accepting = [w for w in self.workers if w.accepting]
-        incoming = [w for w in accepting if w.booted and w.generation == self.generation and not w.replace_pending]
-        outgoing = [w for w in accepting if w.generation < self.generation or w.replace_pending]
-        for worker in [w for w in outgoing if not w.booted]:
-            self.retire(worker, "superseded before it booted")  # gives no capacity yet
-        outgoing = [w for w in outgoing if w.booted]
+        incoming = [w for w in accepting if w.booted and w.generation == self.generation and not w.spare]
+        outgoing = [w for w in accepting if w.generation < self.generation]
+        for worker in [w for w in outgoing if not w.booted or (w.spare and incoming)]:
+            self.retire(worker, "superseded before it booted" if not worker.booted else "spare of the old code")
+        outgoing = [w for w in outgoing if w.booted and not w.spare]
         for worker in outgoing[: max(0, len(incoming) + len(outgoing) - self.target)]:
             self.retire(worker, worker.retire_reason or "replaced by reload")
 
     def recycle(self, worker: WorkerHandle, reason: str, level: int = logging.INFO) -> None:
-        """Replace a worker gracefully: start its replacement now, retire it once that booted."""
-        if worker.replace_pending or not worker.accepting:
-            return
-        worker.replace_pending = True
-        worker.retire_reason = reason
-        log.log(level, "worker %s (pid %s) retiring: %s (once its replacement has booted)", worker.worker_id, worker.pid, reason)
-        self.manage()
+        """Retire a worker at its limit (max_requests, max_worker_memory): it takes nothing more,
+        finishes what it holds and leaves. A spare takes its place at once; without spares the
+        replacement boots first (gunicorn's semantics: capacity dips meanwhile)."""
+        self.retire(worker, reason, level)
 
     # -- stopping and losing workers --------------------------------------------------------
 
@@ -636,7 +776,7 @@ class Pool:
 
         limit = self.settings.max_worker_memory * 1024 * 1024
         for worker in list(self.workers):
-            if not worker.accepting or worker.replace_pending or worker.dead:
+            if not worker.accepting or worker.dead:
                 continue
             try:
                 rss = psutil.Process(worker.pid).memory_info().rss
@@ -667,8 +807,7 @@ class Pool:
         log.info("reloading: starting %d workers of generation %d", self.target, self.generation)
         for worker in [w for w in self.workers if w.accepting and not w.booted]:
             self.retire(worker, "superseded by a newer reload before it booted")
-        for _ in range(self.target):
-            self.spawn()
+        self.manage()  # the new generation: target workers and the spares
 
     def scale(self, delta: int) -> None:
         self.target = max(1, self.target + delta)
@@ -726,14 +865,6 @@ def _may_hold_back(worker: WorkerHandle) -> bool:
     """Could the worker hold a finished answer back behind a slow RPC? Not with one line and
     one job: then the running RPC is all it has (the CPU-heavy case: no sweeps, no wake-ups)."""
     return worker.load > 1 or len(worker.jobs) > 1
-
-
-def _nth_line_end(lines: bytes, n: int) -> int:
-    """Index of the LF that ends the n-th line (1-based) of ``lines``."""
-    end = -1
-    for _ in range(n):
-        end = lines.index(b"\n", end + 1)
-    return end
 
 
 def _by_load(worker: WorkerHandle) -> tuple:

@@ -23,6 +23,7 @@ from .errors import UNKNOWN_MESSAGE, UNKNOWN_REASON, SimpleRPCException, Unknown
 from .handlers import Conn, Handlers, HandlerLoadError, load_handlers
 from .logs import configure_logging
 from .protocol import decode_frame, encode_fail, encode_okay, split_lines
+from .scheduler import SLICE_NS
 
 log = logging.getLogger("simplerpc_mp.worker")
 
@@ -33,7 +34,7 @@ FLUSH_AFTER_NS = 2_000_000
 RECV_BYTES = 64 * 1024
 
 
-def worker_main(sock, board, journal, handlers_spec, options: dict, default_timeout: float, worker_id: int,
+def worker_main(sock, board, journal, claim_lock, handlers_spec, options: dict, default_timeout: float, worker_id: int,
                 log_settings: dict, parent_pid: int) -> None:
     """Entry point of a worker process (called in the child)."""
     _die_with_parent(parent_pid)
@@ -56,7 +57,7 @@ def worker_main(sock, board, journal, handlers_spec, options: dict, default_time
     sock.sendall(ipc.frame_record(ipc.pack((ipc.HELLO, os.getpid(), handlers.describe()))))
     board = ipc.board_view(board)
     journal_writer = ipc.Journal(journal, board)
-    Worker(sock, board, journal_writer, handlers, default_timeout, log_settings.get("access_log", False)).run()
+    Worker(sock, board, journal_writer, handlers, default_timeout, log_settings.get("access_log", False), claim_lock).run()
 
 
 def _boot_failed(sock: socket.socket, message: str) -> None:
@@ -94,8 +95,9 @@ class Worker:
     """Runs batches of jobs; one instance per worker process."""
 
     def __init__(self, sock: socket.socket, board, journal: ipc.Journal, handlers: Handlers,
-                 default_timeout: float, access_log: bool):
+                 default_timeout: float, access_log: bool, claim_lock=None):
         self.sock = sock
+        self.claim_lock = claim_lock  # see ipc's docstring: taking jobs back
         self.board = board  # an ipc.board_view
         self.journal = journal
         self.handlers = handlers
@@ -162,6 +164,21 @@ class Worker:
         if oversized:
             self.send_replies()  # larger than the whole journal: it goes to the pipe at once
 
+    def claim(self, job_id: int) -> bool:
+        """May this job start here? False if the acceptor took it back (see ipc's docstring)."""
+        lock = self.claim_lock
+        if lock is None:
+            return True
+        board = self.board
+        lock.acquire()
+        try:
+            if job_id <= board[ipc.BOARD_REVOKED]:
+                return False
+            board[ipc.BOARD_CLAIMED] = job_id
+            return True
+        finally:
+            lock.release()
+
     def run_batch(self, jobs: list) -> None:
         board = self.board
         clock = time.monotonic_ns
@@ -170,8 +187,11 @@ class Worker:
             # the send does not count the next one as started), and before its clock starts.
             if self.replies and clock() - self.last_send_ns > FLUSH_AFTER_NS:
                 self.send_replies()
+            if not self.claim(job_id):
+                continue  # taken back: another worker runs it
             board[ipc.BOARD_LINE] = 0
-            board[ipc.BOARD_START_NS] = clock()
+            job_start = clock()
+            board[ipc.BOARD_START_NS] = job_start
             board[ipc.BOARD_TIMEOUT_MS] = self.default_timeout_ms
             board[ipc.BOARD_JOB] = job_id
             session = pickle.loads(session_blob) if session_blob else {}
@@ -185,6 +205,12 @@ class Worker:
             for index, line in enumerate(split_lines(payload)):
                 if index:
                     now = clock()
+                    if now - job_start > SLICE_NS and board[ipc.BOARD_YIELD]:
+                        # A long backlog, and others wait: the rest goes back to the acceptor,
+                        # which gives it the next turn (keeping the connection's order).
+                        self.send_replies()
+                        self.sock.sendall(ipc.frame_record(ipc.pack((ipc.GIVE_BACK, job_id, index))))
+                        break
                     if self.replies and now - self.last_send_ns > FLUSH_AFTER_NS:
                         self.send_replies()
                         now = clock()

@@ -44,6 +44,9 @@ class RunningServer:
     def __init__(self, args: list[str], env: dict | None = None, cwd: Path = REPO):
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="simplerpc-test-", suffix=".log", delete=False)
         full_env = dict(os.environ)
+        # No spare workers unless a test asks (--spare-workers wins): most tests count worker
+        # processes, and each spare is one more Python process to boot on a loaded 2-core machine.
+        full_env.setdefault("SIMPLERPC_MP_SPARE_WORKERS", "0")
         full_env.update(env or {})
         self.args = args
         self.proc = subprocess.Popen(
