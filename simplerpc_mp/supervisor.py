@@ -9,6 +9,11 @@ holds which job (``WorkerHandle.jobs``, in the order the worker runs them) and, 
 worker's progress board in shared memory, which RPC each worker is running. When a worker
 dies, the RPC it was running (and any it finished but had not yet sent) gets ``WorkerCrashed``
 or ``Timeout``; the RPCs it had not started go back in line for another worker.
+
+Which runnable job goes to which worker, and how much, is the scheduler's choice
+(``scheduler.py``); this module hands the batches out (``dispatch``), takes back work a worker has
+not started while its RPC runs long (``balance``, ``take_back``), and keeps ``spare_workers``
+booted workers in reserve that replace a lost or retiring worker at once (``manage``).
 """
 
 from __future__ import annotations
@@ -282,7 +287,11 @@ class Pool:
                 if not scheduler:
                     break
                 share = -(-len(scheduler) // (len(targets) - index))
-                room = worker.max_lines - worker.lines_sent if worker.max_lines else 0
+                room = 0  # no cap
+                if worker.max_lines:
+                    room = worker.max_lines - worker.lines_sent
+                    if room <= 0:
+                        continue  # at its limit: retiring
                 batch = scheduler.take_batch(min(share, MAX_JOBS_PER_BATCH), room)
                 if batch:
                     self.send_batch(worker, batch, now_ns)
