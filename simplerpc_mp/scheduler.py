@@ -129,13 +129,6 @@ class Scheduler:
         else:
             conn.ns_per_line = per_line or 1.0
 
-    def forget(self, conn) -> int:
-        """Drop a connection's runnable jobs (the server stops); returns how many."""
-        dropped = len(conn.runnable)
-        conn.runnable.clear()
-        self.count -= dropped
-        return dropped
-
     def clear(self) -> None:
         for ring in (self.new, self.old):
             for conn in ring:
