@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
+import socket
 import sys
 from typing import Any, Optional
 
@@ -22,11 +24,16 @@ import typer
 from rich.markup import escape
 from rich.text import Text
 
-from .config import CONFIG_ENV, SETTINGS, ConfigError, Settings, render_default_toml, render_markdown, resolve, where_from
+from .config import (
+    CONFIG_ENV, SETTINGS, ConfigError, Settings, render_default_toml, render_markdown, resolve, soft_limit_never_triggers,
+    where_from,
+)
 from .logs import configure_logging
 from .protocol import JSON_CODEC, JSON_CODEC_ENV
 
 __all__ = ["app", "main"]
+
+log = logging.getLogger("simplerpc_mp.cli")
 
 app = typer.Typer(
     name="simplerpc-mp",
@@ -47,6 +54,10 @@ IMPORT_TIMEOUT_S = 60.0
 def _fail(message: str, code: int) -> None:
     typer.echo(f"simplerpc-mp: error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"simplerpc-mp: warning: {message}", err=True)
 
 
 def _settings_from(values: dict, config: Optional[str]) -> Settings:
@@ -123,6 +134,8 @@ def serve(config: Optional[str] = None, **values) -> None:
         _configure_logging(settings)
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     from .server import DEMO_HANDLERS, Server, ServerError
 
     spec = settings.handlers or DEMO_HANDLERS
@@ -176,6 +189,8 @@ def check(config: Optional[str] = None, **values) -> None:
     settings = _settings_from(values, config)
     from .server import DEMO_HANDLERS
 
+    for warning in settings.warnings:
+        _warn(warning)
     spec = settings.handlers or DEMO_HANDLERS
     typer.echo(f"# config file: {settings.config_file or '-'}")
     width = max(len(s.name) for s in SETTINGS)
@@ -196,6 +211,13 @@ def check(config: Optional[str] = None, **values) -> None:
         typer.echo("[handlers.options]")
         for key, value in settings.handler_options.items():
             typer.echo(f"{_toml_key(key)} = {_toml(value)}")
+    if soft_limit_never_triggers(settings):
+        typer.echo(f"# output_soft_limit ({settings.output_soft_limit}) >= output_hard_limit "
+                   f"({settings.output_hard_limit}): the soft limit never triggers, the hard limit closes first")
+    problem = _listen_problem(settings.host, settings.port)
+    if problem:
+        # A warning, not an error: the server these settings are for may be the one holding the port.
+        _warn(f"{problem} (serve would exit 1 unless that changes before it starts)")
     error, summary = _import_in_fresh_process(spec)
     if error:
         _fail(error, EXIT_HANDLERS)
@@ -218,6 +240,22 @@ def _toml(value: Any) -> str:
 
 def _toml_key(key: str) -> str:
     return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
+
+
+def _listen_problem(host: str, port: int) -> str:
+    """Why ``serve`` could not listen on ``host:port`` right now, or "" (bound as the acceptor
+    binds, SO_REUSEADDR included, and closed at once). Port 0 always works."""
+    if port == 0:
+        return ""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, reuse_port=False)
+    except OSError as exc:  # in use, not an address of this machine, privileged port, unknown name
+        # create_server appends "(while attempting to bind on address ...)": we name it already.
+        reason = str(exc.strerror or exc).split(" (while attempting to bind", 1)[0]
+        return f"cannot listen on {host}:{port} now: {reason}"
+    sock.close()
+    return ""
 
 
 def _import_in_fresh_process(spec: str) -> tuple[str, str]:

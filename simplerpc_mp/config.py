@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
+import math
 import os
 import re
 import tomllib
@@ -37,11 +39,19 @@ from .protocol import JSON_CODEC_ENV  # read by the codec itself, at import
 __all__ = [
     "Setting", "SETTINGS", "SETTINGS_BY_NAME", "Settings", "ConfigError", "ENV_PREFIX", "CONFIG_ENV",
     "resolve", "load_toml", "where_from", "render_default_toml", "render_markdown",
+    "MAX_DURATION_S", "TIMEOUT_RESOLUTION_S", "service_link_names", "soft_limit_never_triggers",
 ]
 
 ENV_PREFIX = "SIMPLERPC_MP_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"  # the config file, when --config is not given
 MiB = 1024 * 1024
+# The longest duration a setting may give, in seconds (about 11.6 days). Every duration ends up as a
+# timer whose delay becomes a selector timeout, and epoll takes at most 2**31-1 ms (24.8 days): past
+# that the acceptor dies with OverflowError. Where a duration can be "off", 0 says so.
+MAX_DURATION_S = 1_000_000.0
+# RPC timeouts are counted in whole milliseconds (the progress board's slot is an int64 of ms):
+# a positive timeout under 1 ms would round to 0, which means off.
+TIMEOUT_RESOLUTION_S = 0.001
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
@@ -60,6 +70,8 @@ class Setting:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
+    # A positive value under this is refused, not rounded to 0 ("off"); see TIMEOUT_RESOLUTION_S.
+    resolution: float | None = None
 
     @property
     def flag(self) -> str:
@@ -75,10 +87,12 @@ class Setting:
         if self.choices is not None:
             return "one of " + ", ".join(self.choices)
         words = _TYPE_WORDS[self.type]
+        if self.resolution is not None and self.maximum is not None:
+            return f"0 (off) or {words} from {_number(self.resolution)} to {_number(self.maximum)}"
         if self.minimum is not None and self.maximum is not None:
-            return f"{words} from {self.minimum:g} to {self.maximum:g}"
+            return f"{words} from {_number(self.minimum)} to {_number(self.maximum)}"
         if self.minimum is not None:
-            return f"{words} >= {self.minimum:g}"
+            return f"{words} >= {_number(self.minimum)}"
         return words
 
     def convert(self, value: Any, source: str) -> Any:
@@ -94,13 +108,24 @@ class Setting:
             value = float(value)
         if type(value) is not self.type:
             raise ConfigError(f"{source}: expected {self.expected}, got {_show(given)}")
+        if self.type is float and not math.isfinite(value):
+            # nan passes the range check below (it fails every comparison), inf where there is no
+            # maximum: both would overflow later, in the server.
+            raise ConfigError(f"{source}: expected {self.expected}, got {_show(given)}")
         if self.choices is not None:
             value = value.lower()
             if value not in self.choices:
                 raise ConfigError(f"{source}: expected {self.expected}, got {_show(given)}")
         if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
             raise ConfigError(f"{source}: expected {self.expected}, got {_show(given)}")
+        if self.resolution is not None and 0 < value < self.resolution:
+            raise ConfigError(f"{source}: expected {self.expected}, got {_show(given)}")
         return value
+
+
+def _number(value: float) -> str:
+    """A bound as written in a message: 1024, 0.5, 1000000 (not 1e+06)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _parse_text(text: str, kind: type) -> Any:
@@ -119,6 +144,8 @@ def _show(value: Any) -> str:
     """A value as the user wrote it, TOML-ish: strings quoted, true/false, tables as {...}."""
     if isinstance(value, (dict, list)):
         return "a table" if isinstance(value, dict) else "an array"
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # inf, -inf, nan as TOML writes them (json.dumps says Infinity)
     try:
         return json.dumps(value)
     except (TypeError, ValueError):
@@ -136,21 +163,21 @@ SETTINGS: tuple[Setting, ...] = (
     _s("workers", int, 0, "Worker processes; 0 means one per CPU core.", "server", minimum=0, maximum=1024),
     _s("handlers", str, "", "Handler module, 'module' or 'module:attribute'; empty serves the built-in demo.", "server"),
     # -- workers
-    _s("timeout", float, 30.0, "Seconds an RPC may run before its worker is replaced (0 = off).", "workers", minimum=0),
-    _s("graceful_timeout", float, 30.0, "Seconds a graceful stop waits for RPCs already received.", "workers", minimum=0),
+    _s("timeout", float, 30.0, "Seconds an RPC may run before its worker is replaced (0 = off).", "workers", minimum=0, maximum=MAX_DURATION_S, resolution=TIMEOUT_RESOLUTION_S),
+    _s("graceful_timeout", float, 30.0, "Seconds a graceful stop waits for RPCs already received.", "workers", minimum=0, maximum=MAX_DURATION_S),
     _s("max_requests", int, 0, "Recycle a worker after this many RPCs (0 = never).", "workers", minimum=0),
     _s("max_requests_jitter", int, 0, "Random extra RPCs (0..N) per worker before recycling, to spread restarts.", "workers", minimum=0),
     _s("max_worker_memory", int, 0, "Recycle a worker whose RSS passes this many MiB (0 = off).", "workers", minimum=0),
     _s("spare_workers", int, 1, "Booted workers held in reserve, to replace a lost or retiring worker at once.", "workers", minimum=0, maximum=1024),
-    _s("boot_timeout", float, 60.0, "Seconds a worker may take to import the handlers and run on_start before it is killed.", "workers", minimum=0),
+    _s("boot_timeout", float, 60.0, "Seconds a worker may take to import the handlers and run on_start before it is killed.", "workers", minimum=0, maximum=MAX_DURATION_S),
     # -- limits
     _s("max_frame_bytes", int, 1 * MiB, "Longest line a client may send; longer ones get FAIL FrameTooLarge.", "limits", minimum=64),
     _s("max_inflight", int, 128, "RPCs a connection may have unanswered before the server stops reading it.", "limits", minimum=1),
     _s("output_hard_limit", int, 32 * MiB, "Bytes of unsent output that close a connection at once.", "limits", minimum=1024),
     _s("output_soft_limit", int, 8 * MiB, "Bytes of unsent output that close a connection if held for output_soft_seconds.", "limits", minimum=1024),
-    _s("output_soft_seconds", float, 60.0, "Seconds a connection may stay over output_soft_limit.", "limits", minimum=0),
+    _s("output_soft_seconds", float, 60.0, "Seconds a connection may stay over output_soft_limit.", "limits", minimum=0, maximum=MAX_DURATION_S),
     _s("max_connections", int, 10000, "Connections the server holds at once; more get FAIL TooManyConnections.", "limits", minimum=1),
-    _s("idle_timeout", float, 0.0, "Close connections silent for this many seconds (0 = off).", "limits", minimum=0),
+    _s("idle_timeout", float, 0.0, "Close connections silent for this many seconds (0 = off).", "limits", minimum=0, maximum=MAX_DURATION_S),
     _s("max_answer_bytes", int, 16 * MiB, "Largest answer or push a handler may send; a larger answer becomes FAIL AnswerTooLarge, a larger push is dropped.", "limits", minimum=1024),
     _s("max_session_bytes", int, 4 * MiB, "Largest pickled conn.session; a change past it fails the RPC with FAIL SessionTooLarge and is discarded.", "limits", minimum=1024),
     _s("max_total_request_bytes", int, 256 * MiB, "Request bytes all connections together may hold buffered; past it the largest holders are not read.", "limits", minimum=1024),
@@ -194,6 +221,8 @@ Settings = dataclasses.make_dataclass(
         # The config file's [handlers.options] table, handed to on_start functions.
         ("handler_options", dict, dataclasses.field(default_factory=dict, repr=False, compare=False)),
         ("config_file", str, dataclasses.field(default="", compare=False)),
+        # One-line warnings about the configuration, for the CLI to print or log (service links).
+        ("warnings", tuple, dataclasses.field(default=(), repr=False, compare=False)),
     ],
     namespace={
         "__doc__": "The effective settings: one attribute per entry of ``SETTINGS``.",
@@ -205,14 +234,17 @@ Settings.__module__ = __name__  # so that pickle finds it (make_dataclass's modu
 
 
 def _check_together(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
-    """Rules that involve two settings; the message blames the one the user set."""
-    soft, hard = values["output_soft_limit"], values["output_hard_limit"]
-    if soft > hard:
-        if sources.get("output_soft_limit", "default") == "default" and sources.get("output_hard_limit", "default") != "default":
-            where = where_from(sources["output_hard_limit"], "output_hard_limit")
-            raise ConfigError(f"{where}: expected at least output_soft_limit ({soft}), got {hard}")
-        where = where_from(sources.get("output_soft_limit", "default"), "output_soft_limit")
-        raise ConfigError(f"{where}: expected at most output_hard_limit ({hard}), got {soft}")
+    """Rules that involve two settings; the message blames the one the user set.
+
+    None at the moment. An output_soft_limit at or above output_hard_limit is allowed: the hard
+    limit closes the connection first, so the soft one never triggers (Redis's semantics), and a
+    user lowering the hard limit need not know the soft one. ``soft_limit_never_triggers`` says so.
+    """
+
+
+def soft_limit_never_triggers(settings: "Settings") -> bool:
+    """True when output_soft_limit is at or above output_hard_limit (``check`` mentions it)."""
+    return settings.output_soft_limit >= settings.output_hard_limit
 
 
 def where_from(source: str, name: str) -> str:
@@ -330,6 +362,9 @@ def resolve(
         file_values, options = load_toml(config_path)
         values.update(file_values)
         sources.update(dict.fromkeys(file_values, config_path))
+    links = service_link_names(env)
+    warnings = (_service_links_warning(links),) if links else ()
+    env = {name: value for name, value in env.items() if name not in links}
     _check_env_names(env)
     for s in SETTINGS:
         if s.env in env:
@@ -342,7 +377,72 @@ def resolve(
         values[name] = setting.convert(value, f"option {setting.flag}")
         sources[name] = setting.flag
     _check_together(values, sources)
-    return Settings(**values, sources=sources, handler_options=options, config_file=config_path or "")
+    return Settings(**values, sources=sources, handler_options=options, config_file=config_path or "", warnings=warnings)
+
+
+# -- Kubernetes service links ------------------------------------------------------------------
+# A Service named simplerpc-mp (or simplerpc-mp-anything) makes the kubelet put Docker-link style
+# variables into every pod of its namespace (enableServiceLinks defaults to true), all under our
+# prefix: SIMPLERPC_MP_SERVICE_HOST=10.0.0.1, SIMPLERPC_MP_PORT=tcp://10.0.0.1:30000, ... (see
+# kubernetes pkg/kubelet/envvars/envvars.go). They are recognised by name and value, so that
+# SIMPLERPC_MP_PORT=30001 is still the port setting.
+
+_SERVICE = r"SIMPLERPC_MP(?:_[A-Z0-9_]+)?"  # the Service name, upper-cased, "-" -> "_"
+_LINK_PORT = r"_PORT_(?P<port>[0-9]+)_(?P<proto>TCP|UDP|SCTP)"
+_LINK_URL = re.compile(r"(?P<proto>tcp|udp|sctp)://(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<ip4>[0-9.]+)):(?P<port>[0-9]+)")
+_LINK_SHAPES = (  # (name, what the value is)
+    (re.compile(_SERVICE + r"_SERVICE_HOST"), "ip"),
+    (re.compile(_SERVICE + r"_SERVICE_PORT(?:_[A-Z0-9_]+)?"), "port"),
+    (re.compile(_SERVICE + r"_PORT"), "url"),
+    (re.compile(_SERVICE + _LINK_PORT), "url"),
+    (re.compile(_SERVICE + _LINK_PORT + r"_PROTO"), "proto"),
+    (re.compile(_SERVICE + _LINK_PORT + r"_PORT"), "port"),
+    (re.compile(_SERVICE + _LINK_PORT + r"_ADDR"), "ip"),
+)
+
+
+def service_link_names(env: Mapping[str, str]) -> set[str]:
+    """The variables of ``env`` that are Kubernetes service links of a Service named simplerpc-mp*."""
+    return {
+        name for name, value in env.items()
+        if name.startswith(ENV_PREFIX) and any(
+            shape.fullmatch(name) and _is_link_value(name, shape, kind, value) for shape, kind in _LINK_SHAPES
+        )
+    }
+
+
+def _is_link_value(name: str, shape: re.Pattern, kind: str, value: str) -> bool:
+    named = shape.fullmatch(name).groupdict()
+    if kind == "ip":
+        return _is_ip(value)
+    if kind == "port":
+        return _is_port(value) and value == named.get("port", value)
+    if kind == "proto":
+        return value == named["proto"].lower()
+    url = _LINK_URL.fullmatch(value)
+    return bool(
+        url and _is_ip(url["ip6"] or url["ip4"]) and _is_port(url["port"])
+        and url["proto"] == named.get("proto", url["proto"].upper()).lower() and url["port"] == named.get("port", url["port"])
+    )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 0 < int(text) < 65536 and text == str(int(text))
+
+
+def _service_links_warning(names: set[str]) -> str:
+    return (
+        f"ignoring {len(names)} Kubernetes service-link variables ({', '.join(sorted(names))}): a Service named "
+        "simplerpc-mp* sets them in every pod of its namespace; enableServiceLinks: false in the pod spec drops them"
+    )
 
 
 def _check_env_names(env: Mapping[str, str]) -> None:

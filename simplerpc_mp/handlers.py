@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from .config import SETTINGS_BY_NAME, ConfigError
 from .errors import SessionReadOnly
 from .protocol import encode_frame
 
@@ -53,8 +54,15 @@ class Handlers:
             raise ValueError(f"invalid op name {op!r}: must be non-empty, without '{{' or newline")
         if op in ("OKAY", "FAIL"):
             raise ValueError(f"op name {op!r} is reserved by the protocol")
-        if timeout is not None and timeout < 0:
-            raise ValueError("timeout must be >= 0 seconds")
+        if isinstance(timeout, str):  # convert() would parse it, as it does the environment's text
+            raise TypeError(f"timeout of op {op!r} must be a number of seconds, got {timeout!r}")
+        if timeout is not None:
+            # The rule of the timeout setting (a finite number, at most MAX_DURATION_S, and not a
+            # fraction of a millisecond that would round to "off"), so a bad value fails at import.
+            try:
+                timeout = SETTINGS_BY_NAME["timeout"].convert(timeout, f"timeout of op {op!r}")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
 
         def register(func: Callable) -> Callable:
             if not callable(func):

@@ -111,7 +111,7 @@ def test_settings_command_prints_the_default_config():
     (["--config", "{broken}"], {}, ["{broken}: not valid TOML"]),
     (["--config", "{missing}"], {}, ["{missing}: cannot read config file: No such file or directory"]),
     ([], {"SIMPLERPC_MP_CONFIG": "{bad}"}, ["{bad}: key workers"]),
-    ([], {"SIMPLERPC_MP_TIMEOUT": "soon"}, ['environment variable SIMPLERPC_MP_TIMEOUT: expected a number >= 0, got "soon"']),
+    ([], {"SIMPLERPC_MP_TIMEOUT": "soon"}, ['environment variable SIMPLERPC_MP_TIMEOUT: expected 0 (off) or a number from 0.001 to 1000000, got "soon"']),
     ([], {"SIMPLERPC_MP_WORKRS": "2"}, ["environment variable SIMPLERPC_MP_WORKRS: unknown setting (did you mean SIMPLERPC_MP_WORKERS?)"]),
     (["--port", "99999"], {}, ["option --port: expected an integer from 0 to 65535, got 99999"]),
     (["--log-format", "xml"], {}, ["option --log-format: expected one of text, json"]),
@@ -135,7 +135,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path, args, env, fragments):
 @pytest.mark.parametrize("args, env, fragment", [
     (["--config", "{bad}"], {}, "{bad}: key workers: expected an integer from 0 to 1024"),
     ([], {"SIMPLERPC_MP_MAX_INFLIGHT": "0"}, "environment variable SIMPLERPC_MP_MAX_INFLIGHT: expected an integer >= 1, got \"0\""),
-    (["--timeout", "-1"], {}, "option --timeout: expected a number >= 0, got -1"),
+    (["--timeout", "-1"], {}, "option --timeout: expected 0 (off) or a number from 0.001 to 1000000, got -1"),
 ])
 def test_check_bad_config_exits_2_without_importing(tmp_path, args, env, fragment):
     bad = tmp_path / "bad.toml"
@@ -489,3 +489,122 @@ def test_the_json_codec_variable_is_not_taken_for_a_misspelt_setting():
     assert "\n# json codec: stdlib (" in result.stdout, result.stdout
     assert_one_line_error(run("check", "--handlers", "workers.echo", env={"SIMPLERPC_MP_JSONN": "x"}), 2,
                           "SIMPLERPC_MP_JSONN")
+
+
+# -- numbers the server could not use, refused before anything starts -------------------------
+
+HUGE = "99999999999999999999"
+
+
+@pytest.mark.parametrize("args, env, toml, fragment", [
+    # inf and nan used to pass: the ready line, then every worker died of OverflowError (exit 4)
+    (["--timeout", "inf"], {}, "", "option --timeout: expected 0 (off) or a number from 0.001 to 1000000, got inf"),
+    ([], {"SIMPLERPC_MP_TIMEOUT": "nan"}, "", 'environment variable SIMPLERPC_MP_TIMEOUT: expected 0 (off) or a number from 0.001 to 1000000, got "nan"'),
+    ([], {}, "timeout = inf\n", "key timeout: expected 0 (off) or a number from 0.001 to 1000000, got inf"),
+    (["--graceful-timeout", "nan"], {}, "", "option --graceful-timeout: expected a number from 0 to 1000000, got nan"),
+    # a timeout under 1 ms used to mean "off"
+    (["--timeout", "0.0004"], {}, "", "option --timeout: expected 0 (off) or a number from 0.001 to 1000000, got 0.0004"),
+    # past epoll's limit: the acceptor used to die of OverflowError at start
+    (["--idle-timeout", "10000000"], {}, "", "option --idle-timeout: expected a number from 0 to 1000000, got 10000000.0"),
+    # a worker count that used to fork until the OOM killer came
+    (["--workers", HUGE], {}, "", f"option --workers: expected an integer from 0 to 1024, got {HUGE}"),
+    ([], {"SIMPLERPC_MP_WORKERS": HUGE}, "", f'environment variable SIMPLERPC_MP_WORKERS: expected an integer from 0 to 1024, got "{HUGE}"'),
+    ([], {}, f"workers = {HUGE}\n", f"key workers: expected an integer from 0 to 1024, got {HUGE}"),
+    (["--spare-workers", HUGE], {}, "", f"option --spare-workers: expected an integer from 0 to 1024, got {HUGE}"),
+])
+@pytest.mark.parametrize("command", ["serve", "check"])
+def test_unusable_numbers_exit_2_with_one_line(tmp_path, command, args, env, toml, fragment):
+    if toml:
+        config = tmp_path / "app.toml"
+        config.write_text(toml)
+        args = [*args, "--config", str(config)]
+    result = run(command, "--port", "0", "--handlers", "tests.handlers.basic", *args, env=env)
+    assert_one_line_error(result, 2, "simplerpc-mp: error: ", fragment)
+    assert result.stdout == ""
+
+
+# -- check: what would stop serve, said as a warning ----------------------------------------
+
+def test_check_warns_when_the_port_is_in_use():
+    """check used to exit 0 without a word; a warning, since the server may be the one holding it."""
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        result = run("check", "--handlers", "workers.echo", "--port", str(port))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"simplerpc-mp: warning: cannot listen on 127.0.0.1:{port} now: Address already in use "
+        "(serve would exit 1 unless that changes before it starts)"
+    ]
+    assert "# handlers workers.echo: OK" in result.stdout
+    # a free port (or 0): no warning
+    free = run("check", "--handlers", "workers.echo", "--port", str(free_port()))
+    assert free.returncode == 0 and free.stderr == ""
+
+
+def test_check_says_when_the_soft_limit_never_triggers():
+    result = run("check", "--handlers", "workers.echo", "--port", "0", "--output-hard-limit", "1048576")
+    assert result.returncode == 0, result.stderr
+    assert ("# output_soft_limit (8388608) >= output_hard_limit (1048576): the soft limit never triggers, "
+            "the hard limit closes first\n") in result.stdout
+    check_output_as_toml(result.stdout)  # still valid TOML
+    assert "never triggers" not in run("check", "--handlers", "workers.echo", "--port", "0").stdout
+
+
+def test_the_hard_limit_lowered_alone_closes_a_client_that_never_reads(start_server):
+    """--output-hard-limit 1048576 used to be refused (it is below the default soft limit). The soft
+    limit, now above it, never triggers: a client that never reads is closed by the hard one."""
+    server = start_server("--handlers", "tests.handlers.basic", "--output-hard-limit", "1048576",
+                          "--output-soft-seconds", "0")
+    with socket.socket() as sink:
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # so the kernel holds little for it
+        sink.connect((server.host, server.port))
+        sink.settimeout(10)
+        welcome = b""
+        while b"\n" not in welcome:
+            welcome += sink.recv(4096)
+        sink_id = json.loads(welcome[len(b"welcome"):welcome.index(b"\n")])["net_id"]  # then it reads no more
+        closed = re.compile(rf"net_id {sink_id} closed: output buffer over output_hard_limit \(\d+ > 1048576 bytes\)")
+        with server.client() as pusher:
+            for _ in range(400):  # 25 MiB at most; the kernel's buffers hold a few
+                pusher.call("push_to", {"to": sink_id, "msg": "n" * 64 * 1024}, timeout=10)
+                if closed.search(server.log()):
+                    break
+            server.wait_log(closed.pattern)
+    assert "output_soft_limit" not in server.log()
+
+
+# -- Kubernetes service links --------------------------------------------------------------
+
+# A Service named simplerpc-mp puts these in every pod of its namespace (service links are on by default).
+SERVICE_LINKS = {
+    "SIMPLERPC_MP_SERVICE_HOST": "10.0.0.1",
+    "SIMPLERPC_MP_SERVICE_PORT": "30000",
+    "SIMPLERPC_MP_PORT": "tcp://10.0.0.1:30000",
+    "SIMPLERPC_MP_PORT_30000_TCP": "tcp://10.0.0.1:30000",
+    "SIMPLERPC_MP_PORT_30000_TCP_PROTO": "tcp",
+    "SIMPLERPC_MP_PORT_30000_TCP_PORT": "30000",
+    "SIMPLERPC_MP_PORT_30000_TCP_ADDR": "10.0.0.1",
+}
+
+
+def test_serve_ignores_service_links_with_one_warning(start_server):
+    """The server used to refuse to start (unknown setting, or a port that is not a number),
+    even with --port given."""
+    server = start_server("--handlers", "tests.handlers.basic", env=SERVICE_LINKS)  # (--port 0)
+    with server.client() as client:
+        assert client.call("echo", {"a": 1}) == {"a": 1}
+    warnings = [line for line in server.log().splitlines() if "service-link" in line]
+    assert len(warnings) == 1, server.log()
+    assert "WARNING" in warnings[0] and "ignoring 7 Kubernetes service-link variables (SIMPLERPC_MP_PORT," in warnings[0]
+
+
+def test_check_ignores_service_links_with_one_warning():
+    result = run("check", "--handlers", "workers.echo", env=SERVICE_LINKS)
+    assert result.returncode == 0, result.stderr
+    # (one line: a second would be the port-in-use warning, if something holds 30000 on this machine)
+    lines = [line for line in result.stderr.splitlines() if "service-link" in line]
+    assert len(lines) == 1 and lines[0].startswith("simplerpc-mp: warning: ignoring 7 Kubernetes service-link variables")
+    assert re.search(r"^port += 30000 +# default$", result.stdout, re.M)
+    # a link's name with a value that is no link is still refused
+    assert_one_line_error(run("check", "--handlers", "workers.echo", env={**SERVICE_LINKS, "SIMPLERPC_MP_PORT": "tcp://x"}),
+                          2, 'environment variable SIMPLERPC_MP_PORT: expected an integer from 0 to 65535, got "tcp://x"')

@@ -135,18 +135,14 @@ def test_handlers_table_without_module_keeps_the_default(tmp_path):
     ('workers = "four"\n', '{path}: key workers: expected an integer from 0 to 1024, got "four"'),
     ("workers = 2.5\n", "{path}: key workers: expected an integer from 0 to 1024, got 2.5"),
     ("access_log = 1\n", "{path}: key access_log: expected true or false, got 1"),
-    ("timeout = true\n", "{path}: key timeout: expected a number >= 0, got true"),
+    ("timeout = true\n", "{path}: key timeout: expected 0 (off) or a number from 0.001 to 1000000, got true"),
     ("host = 127\n", "{path}: key host: expected a string, got 127"),
     ("host = [1]\n", "{path}: key host: expected a string, got an array"),
     # out of range
-    ("timeout = -1\n", "{path}: key timeout: expected a number >= 0, got -1"),
+    ("timeout = -1\n", "{path}: key timeout: expected 0 (off) or a number from 0.001 to 1000000, got -1"),
     ("port = 70000\n", "{path}: key port: expected an integer from 0 to 65535, got 70000"),
     ("max_frame_bytes = 10\n", "{path}: key max_frame_bytes: expected an integer >= 64, got 10"),
     ('log_format = "xml"\n', '{path}: key log_format: expected one of text, json, got "xml"'),
-    ("output_soft_limit = 40000000\n",
-     "{path}: key output_soft_limit: expected at most output_hard_limit (33554432), got 40000000"),
-    ("output_hard_limit = 4096\n",
-     "{path}: key output_hard_limit: expected at least output_soft_limit (8388608), got 4096"),
     # bad TOML
     ("workers = \n", "{path}: not valid TOML: Invalid value (at line 1, column 11)"),
     ("workers = 1\nworkers = 2\n", "{path}: not valid TOML: Cannot overwrite a value (at line 2"),
@@ -184,7 +180,7 @@ def test_config_file_not_utf8(tmp_path):
 
 @pytest.mark.parametrize("env, expected", [
     ({"SIMPLERPC_MP_WORKERS": "many"}, 'environment variable SIMPLERPC_MP_WORKERS: expected an integer from 0 to 1024, got "many"'),
-    ({"SIMPLERPC_MP_TIMEOUT": "30s"}, 'environment variable SIMPLERPC_MP_TIMEOUT: expected a number >= 0, got "30s"'),
+    ({"SIMPLERPC_MP_TIMEOUT": "30s"}, 'environment variable SIMPLERPC_MP_TIMEOUT: expected 0 (off) or a number from 0.001 to 1000000, got "30s"'),
     ({"SIMPLERPC_MP_ACCESS_LOG": "maybe"}, 'environment variable SIMPLERPC_MP_ACCESS_LOG: expected true or false, got "maybe"'),
     ({"SIMPLERPC_MP_PORT": "-1"}, 'environment variable SIMPLERPC_MP_PORT: expected an integer from 0 to 65535, got "-1"'),
     ({"SIMPLERPC_MP_LOG_LEVEL": "loud"},
@@ -273,3 +269,165 @@ def test_production_example_loads():
     # a deployment example sets the settings that matter for it explicitly
     for name in ("workers", "timeout", "graceful_timeout", "max_requests", "max_frame_bytes", "log_level", "log_format"):
         assert settings.sources[name] == str(PRODUCTION_TOML)
+
+
+# -- numbers the server could not use: refused here, in one line ------------------------------
+
+FLOAT_SETTINGS = [s for s in SETTINGS if s.type is float]
+
+
+@pytest.mark.parametrize("setting", FLOAT_SETTINGS, ids=lambda s: s.name)
+@pytest.mark.parametrize("toml_text, env_text", [("inf", "inf"), ("-inf", "-inf"), ("nan", "nan"), ("inf", "1e400")])
+def test_non_finite_numbers_are_refused_for_every_setting(tmp_path, setting, toml_text, env_text):
+    """inf and nan used to pass (nan fails every comparison), then every worker died of OverflowError."""
+    path = write(tmp_path, f"{setting.name} = {toml_text}\n")
+    assert config_error(config_path=path) == f"{path}: key {setting.name}: expected {setting.expected}, got {toml_text}"
+    assert config_error(env={setting.env: env_text}) == (
+        f'environment variable {setting.env}: expected {setting.expected}, got "{env_text}"')
+    assert config_error(cli={setting.name: float(toml_text)}).startswith(f"option {setting.flag}: expected ")
+    with pytest.raises(ConfigError):
+        Settings().with_changes(**{setting.name: float(toml_text)})  # Server(timeout=...) goes this way
+
+
+@pytest.mark.parametrize("setting", FLOAT_SETTINGS, ids=lambda s: s.name)
+def test_durations_stop_before_the_selector_overflows(setting):
+    # epoll takes at most 2**31-1 ms: --idle-timeout 10000000 used to kill the acceptor at start.
+    assert resolve(env={setting.env: "1000000"}).sources[setting.name] == f"${setting.env}"
+    assert config_error(env={setting.env: "1000000.5"}).endswith('got "1000000.5"')
+    assert config_error(cli={setting.name: 1e300}).startswith(f"option {setting.flag}: expected ")
+
+
+@pytest.mark.parametrize("text", ["0.0004", "0.000999", "1e-9"])
+def test_a_timeout_under_a_millisecond_is_refused_not_turned_off(text):
+    """Timeouts count whole milliseconds: 0.0004 used to round to 0, which means off."""
+    assert config_error(env={"SIMPLERPC_MP_TIMEOUT": text}) == (
+        f'environment variable SIMPLERPC_MP_TIMEOUT: expected 0 (off) or a number from 0.001 to 1000000, got "{text}"')
+    assert config_error(cli={"timeout": float(text)}) == (
+        f"option --timeout: expected 0 (off) or a number from 0.001 to 1000000, got {text if 'e' not in text else float(text)}")
+
+
+def test_a_timeout_of_zero_or_a_millisecond_is_fine():
+    assert resolve(env={}, cli={"timeout": 0}).timeout == 0.0
+    assert resolve(env={}, cli={"timeout": 0.001}).timeout == 0.001
+    # Durations that are not counted in milliseconds take any small value.
+    assert resolve(env={}, cli={"idle_timeout": 0.0004, "graceful_timeout": 0.0004}).idle_timeout == 0.0004
+
+
+@pytest.mark.parametrize("timeout, fragment", [
+    (float("inf"), "got inf"), (float("nan"), "got nan"), (0.0004, "got 0.0004"), (-1, "got -1"), (1e7, "got 10000000.0"),
+])
+def test_per_op_timeouts_follow_the_same_rule(timeout, fragment):
+    from simplerpc_mp import Handlers
+
+    handlers = Handlers()
+    with pytest.raises(ValueError) as info:
+        handlers.on("x", lambda conn, data: data, timeout=timeout)
+    assert str(info.value) == f"timeout of op 'x': expected 0 (off) or a number from 0.001 to 1000000, {fragment}"
+    assert "x" not in handlers.ops
+    with pytest.raises(TypeError, match="must be a number of seconds"):
+        handlers.on("x", lambda conn, data: data, timeout="5")
+    handlers.on("x", lambda conn, data: data, timeout=0)
+    handlers.on("y", lambda conn, data: data, timeout=2)
+    assert (handlers.ops["x"].timeout, handlers.ops["y"].timeout) == (0.0, 2.0)
+
+
+HUGE = "99999999999999999999"
+
+
+@pytest.mark.parametrize("name", ["workers", "spare_workers"])
+def test_a_huge_worker_count_is_refused_from_every_layer(tmp_path, name):
+    """--workers 99999999999999999999 used to pass check, then serve forked until the OOM killer came."""
+    s = SETTINGS_BY_NAME[name]
+    expected = f"expected an integer from 0 to 1024, got {HUGE}"
+    assert config_error(cli={name: int(HUGE)}) == f"option {s.flag}: {expected}"
+    assert config_error(env={s.env: HUGE}) == f'environment variable {s.env}: expected an integer from 0 to 1024, got "{HUGE}"'
+    path = write(tmp_path, f"{name} = {HUGE}\n")
+    assert config_error(config_path=path) == f"{path}: key {name}: {expected}"
+    assert resolve(env={s.env: "1024"}).sources[name] == f"${s.env}"
+
+
+# -- output limits: a soft limit at or above the hard one never triggers ------------------------
+
+def test_the_hard_limit_can_be_lowered_alone(tmp_path):
+    """--output-hard-limit 1048576 used to be refused: "expected at least output_soft_limit (8388608)"."""
+    from simplerpc_mp.config import soft_limit_never_triggers
+
+    settings = resolve(env={}, cli={"output_hard_limit": 1048576})
+    assert (settings.output_hard_limit, settings.output_soft_limit) == (1048576, 8 * 1024 * 1024)
+    assert soft_limit_never_triggers(settings)
+    path = write(tmp_path, "output_soft_limit = 40000000\n")
+    assert resolve(env={}, config_path=path).output_soft_limit == 40000000
+    assert soft_limit_never_triggers(resolve(env={"SIMPLERPC_MP_OUTPUT_SOFT_LIMIT": str(32 * 1024 * 1024)}))
+    assert not soft_limit_never_triggers(resolve(env={}))
+    assert Settings().with_changes(output_hard_limit=4096).output_hard_limit == 4096
+
+
+# -- Kubernetes service links ------------------------------------------------------------------
+
+# What the kubelet puts in every pod of the namespace of a Service named simplerpc-mp with cluster
+# IP 10.0.0.1 and one port, 30000/TCP named "rpc" (pkg/kubelet/envvars/envvars.go).
+SERVICE_LINKS = {
+    "SIMPLERPC_MP_SERVICE_HOST": "10.0.0.1",
+    "SIMPLERPC_MP_SERVICE_PORT": "30000",
+    "SIMPLERPC_MP_SERVICE_PORT_RPC": "30000",
+    "SIMPLERPC_MP_PORT": "tcp://10.0.0.1:30000",
+    "SIMPLERPC_MP_PORT_30000_TCP": "tcp://10.0.0.1:30000",
+    "SIMPLERPC_MP_PORT_30000_TCP_PROTO": "tcp",
+    "SIMPLERPC_MP_PORT_30000_TCP_PORT": "30000",
+    "SIMPLERPC_MP_PORT_30000_TCP_ADDR": "10.0.0.1",
+}
+
+
+def test_service_link_variables_are_ignored_with_one_warning():
+    settings = resolve(env=SERVICE_LINKS)
+    assert settings.port == 30000 and settings.sources["port"] == "default"
+    assert len(settings.warnings) == 1
+    warning = settings.warnings[0]
+    assert "\n" not in warning and warning.startswith("ignoring 8 Kubernetes service-link variables (")
+    assert all(name in warning for name in SERVICE_LINKS) and "enableServiceLinks: false" in warning
+    # --port given: used to fail all the same, on the variable's value
+    settings = resolve(cli={"port": 0}, env=SERVICE_LINKS)
+    assert settings.port == 0 and settings.sources["port"] == "--port"
+    assert resolve(env={}).warnings == ()
+
+
+def test_service_links_of_other_services_and_shapes():
+    # A Service named simplerpc-mp-metrics, IPv6, two ports, UDP and SCTP.
+    env = {
+        "SIMPLERPC_MP_METRICS_SERVICE_HOST": "fd00::1",
+        "SIMPLERPC_MP_METRICS_SERVICE_PORT": "9090",
+        "SIMPLERPC_MP_METRICS_SERVICE_PORT_STATS_UDP": "9125",
+        "SIMPLERPC_MP_METRICS_PORT": "tcp://[fd00::1]:9090",
+        "SIMPLERPC_MP_METRICS_PORT_9125_UDP": "udp://[fd00::1]:9125",
+        "SIMPLERPC_MP_METRICS_PORT_9125_UDP_PROTO": "udp",
+        "SIMPLERPC_MP_METRICS_PORT_9125_UDP_PORT": "9125",
+        "SIMPLERPC_MP_METRICS_PORT_9125_UDP_ADDR": "fd00::1",
+        "SIMPLERPC_MP_PORT_7_SCTP": "sctp://10.0.0.1:7",
+        "SIMPLERPC_MP_WORKERS": "3",
+    }
+    settings = resolve(env=env)
+    assert settings.workers == 3 and settings.warnings[0].startswith("ignoring 9 Kubernetes")
+
+
+def test_a_setting_with_the_shape_of_a_link_is_still_a_setting():
+    settings = resolve(env={"SIMPLERPC_MP_PORT": "30001", "SIMPLERPC_MP_SERVICE_HOST": "10.0.0.1"})
+    assert settings.port == 30001 and settings.sources["port"] == "$SIMPLERPC_MP_PORT"
+    assert "SIMPLERPC_MP_PORT," not in settings.warnings[0] and "SIMPLERPC_MP_PORT)" not in settings.warnings[0]
+
+
+@pytest.mark.parametrize("env, expected", [
+    # right name, wrong value: not a link, so an unknown setting (or a bad port) as before
+    ({"SIMPLERPC_MP_SERVICE_HOST": "db.internal"},
+     "environment variable SIMPLERPC_MP_SERVICE_HOST: unknown setting (did you mean SIMPLERPC_MP_HOST?)"),
+    ({"SIMPLERPC_MP_PORT": "tcp://10.0.0.1"}, 'environment variable SIMPLERPC_MP_PORT: expected an integer from 0 to 65535, got "tcp://10.0.0.1"'),
+    ({"SIMPLERPC_MP_PORT": "http://10.0.0.1:80"}, "environment variable SIMPLERPC_MP_PORT: expected an integer"),
+    ({"SIMPLERPC_MP_PORT_30000_TCP_PORT": "30001"}, "environment variable SIMPLERPC_MP_PORT_30000_TCP_PORT: unknown setting"),
+    ({"SIMPLERPC_MP_PORT_30000_TCP": "udp://10.0.0.1:30000"}, "environment variable SIMPLERPC_MP_PORT_30000_TCP: unknown setting"),
+    ({"SIMPLERPC_MP_PORT_30000_TCP_PROTO": "udp"}, "environment variable SIMPLERPC_MP_PORT_30000_TCP_PROTO: unknown setting"),
+    ({"SIMPLERPC_MP_SERVICE_PORT": "99999"}, "environment variable SIMPLERPC_MP_SERVICE_PORT: unknown setting"),
+    # any other unknown name stays an error naming the closest setting
+    ({**SERVICE_LINKS, "SIMPLERPC_MP_WORKRS": "2"},
+     "environment variable SIMPLERPC_MP_WORKRS: unknown setting (did you mean SIMPLERPC_MP_WORKERS?)"),
+])
+def test_what_is_not_a_service_link_stays_an_error(env, expected):
+    assert config_error(env=env).startswith(expected)
