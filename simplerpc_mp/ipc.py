@@ -161,23 +161,29 @@ class RecordReader:
     """Splits the byte stream of a worker pipe into records (the payloads, without headers).
 
     Records are returned as memoryviews into the data read (``pickle.loads`` takes them), so the
-    common case, a read holding whole records, copies nothing.
+    common case, a read holding whole records, copies nothing. A record split over reads is
+    copied once into a buffer of its full size, allocated when its header is known: a 30 MB
+    answer arriving 64 KiB at a time costs one copy of 30 MB, not one of the partial record per
+    read (that was quadratic: 16 MB took over a second). ``copied_bytes`` counts those copies.
     """
 
-    __slots__ = ("_partial",)
+    __slots__ = ("_head", "_record", "_filled", "copied_bytes")
 
     def __init__(self) -> None:
-        self._partial = bytearray()
+        self._head = b""  # the start of a header split over reads (under 4 bytes)
+        self._record: bytearray | None = None  # the record being filled, once its size is known
+        self._filled = 0  # bytes of _record received so far
+        self.copied_bytes = 0
 
     def feed(self, data: bytes) -> list:
-        if self._partial:
-            self._partial += data
-            data = bytes(self._partial)
-            self._partial.clear()
-        view = memoryview(data)
         records = []
         start = 0
         end = len(data)
+        view = memoryview(data)
+        if self._head or self._record is not None:
+            start = self._fill(view, records)
+            if start == end:
+                return records
         unpack_from = _HEADER.unpack_from
         while end - start >= 4:
             (size,) = unpack_from(data, start)
@@ -186,5 +192,32 @@ class RecordReader:
             records.append(view[start + 4 : start + 4 + size])
             start += 4 + size
         if start < end:
-            self._partial += view[start:]
+            self._fill(view[start:], records)
         return records
+
+    def _fill(self, data, records: list) -> int:
+        """Add the start of ``data`` to the record split over reads; returns how much it took.
+
+        (Takes all of ``data`` unless that completes the record; a completed one joins ``records``.)
+        """
+        taken = 0
+        if self._record is None:
+            taken = min(4 - len(self._head), len(data))
+            self._head += bytes(data[:taken])
+            self.copied_bytes += taken
+            if len(self._head) < 4:
+                return taken
+            (size,) = _HEADER.unpack(self._head)
+            self._head = b""
+            self._record = bytearray(size)
+            self._filled = 0
+        record = self._record
+        filled = self._filled
+        chunk = min(len(record) - filled, len(data) - taken)
+        record[filled : filled + chunk] = data[taken : taken + chunk]
+        self.copied_bytes += chunk
+        self._filled = filled + chunk
+        if self._filled == len(record):
+            records.append(memoryview(record))
+            self._record = None
+        return taken + chunk
