@@ -29,6 +29,7 @@ from collections import deque
 from . import ipc
 from .errors import FrameTooLarge, ShuttingDown, TooManyConnections
 from .handlers import BROADCAST
+from .logs import RateLimitedLog
 from .protocol import FrameDecoder, encode_fail, split_lines
 from .scheduler import Scheduler
 
@@ -160,6 +161,7 @@ class Acceptor:
         self.has_connect = False
         self.has_disconnect = False
         self.pushes_dropped = 0
+        self.log_limit = RateLimitedLog()  # for events a client can repeat at will
         self.apply_settings(settings)
 
     def apply_settings(self, settings) -> None:
@@ -224,7 +226,7 @@ class Acceptor:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue  # the client gave up while in the backlog
                 # Linux passes network errors of the new connection to accept(): drop that one.
-                log.warning("accept failed: %s", exc)
+                self.log_limit.log(log, "accept failed", logging.WARNING, "accept failed: %s", exc)
                 return
             if self.out_of_descriptors:
                 self.out_of_descriptors = False
@@ -235,7 +237,10 @@ class Acceptor:
             self.add_connection(sock, peer)
 
     def _refuse(self, sock: socket.socket, peer) -> None:
-        log.warning("refused connection from %s: max_connections (%d) reached", peer, self.settings.max_connections)
+        self.log_limit.log(
+            log, "refused", logging.WARNING, "refused connection from %s: max_connections (%d) reached",
+            peer, self.settings.max_connections,
+        )
         try:
             sock.setblocking(False)
             sock.send(encode_fail(TooManyConnections.__name__, f"server holds max_connections={self.settings.max_connections}"))
@@ -282,7 +287,7 @@ class Acceptor:
         except BlockingIOError:
             return
         except OSError as exc:
-            self.close(conn, f"read failed: {exc.strerror or exc}")
+            self.close(conn, f"read failed: {exc.strerror or exc}", kind="read failed")
             return
         if not data:
             self.on_eof(conn)
@@ -290,7 +295,10 @@ class Acceptor:
         conn.last_active = self.now
         for chunk in conn.decoder.feed(data):
             if chunk is None:
-                log.info("net_id %s: frame longer than max_frame_bytes (%d) discarded", conn.net_id, conn.decoder.max_frame_bytes)
+                self.log_limit.log(
+                    log, "frame too large", logging.INFO, "net_id %s: frame longer than max_frame_bytes (%d) discarded",
+                    conn.net_id, conn.decoder.max_frame_bytes,
+                )
                 seq = conn.next_seq
                 conn.next_seq += 1
                 self.complete(conn, seq, _frame_too_large(conn.decoder.max_frame_bytes), 1)
@@ -452,7 +460,7 @@ class Acceptor:
         conn = self.conns.get(target)
         if conn is None:
             self.pushes_dropped += 1
-            log.debug("push to gone net_id %s dropped", target)
+            self.log_limit.log(log, "push dropped", logging.DEBUG, "push to gone net_id %s dropped", target)
         else:
             self._append_push(conn, frame)
 
@@ -486,7 +494,7 @@ class Acceptor:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            self.close(conn, f"write failed: {exc.strerror or exc}")
+            self.close(conn, f"write failed: {exc.strerror or exc}", kind="write failed")
             return
         if sent == len(wbuf):
             wbuf.clear()
@@ -503,7 +511,10 @@ class Acceptor:
     def _check_output_limits(self, conn: Connection) -> None:
         size = len(conn.wbuf)
         if size > self.hard_limit:
-            self.close(conn, f"output buffer over output_hard_limit ({size} > {self.hard_limit} bytes)", logging.WARNING)
+            self.close(
+                conn, f"output buffer over output_hard_limit ({size} > {self.hard_limit} bytes)", logging.WARNING,
+                kind="output_hard_limit",
+            )
         elif size > self.soft_limit:
             if not conn.soft_since:
                 conn.soft_since = self.now
@@ -518,6 +529,7 @@ class Acceptor:
                 f"output buffer over output_soft_limit ({len(conn.wbuf)} > {self.soft_limit} bytes) "
                 f"for {self.settings.output_soft_seconds:g}s",
                 logging.WARNING,
+                kind="output_soft_limit",
             )
 
     # -- closing ---------------------------------------------------------------------------
@@ -526,11 +538,17 @@ class Acceptor:
         if conn.state == EOF and not conn.queue and not conn.running and not conn.wbuf:
             self.close(conn, "client closed its side")
 
-    def close(self, conn: Connection, reason: str, level: int = logging.DEBUG) -> None:
-        """Close the socket now. Jobs already received still run; their answers are dropped."""
+    def close(self, conn: Connection, reason: str, level: int = logging.DEBUG, kind: str = "") -> None:
+        """Close the socket now. Jobs already received still run; their answers are dropped.
+
+        With a ``kind``, a reason many connections can share at once: its log line is rate-limited.
+        """
         if conn.state == CLOSED:
             return
-        log.log(level, "net_id %s closed: %s", conn.net_id, reason)
+        if kind:
+            self.log_limit.log(log, kind, level, "net_id %s closed: %s", conn.net_id, reason)
+        else:
+            log.log(level, "net_id %s closed: %s", conn.net_id, reason)
         conn.state = CLOSED
         self.conns.pop(conn.net_id, None)
         try:
@@ -562,7 +580,7 @@ class Acceptor:
         for conn in list(self.conns.values()):
             # A connection waiting for answers is not idle: its client is waiting on us.
             if conn.last_active < limit and not conn.unanswered and not conn.wbuf:
-                self.close(conn, f"idle for {self.settings.idle_timeout:g}s (idle_timeout)", logging.INFO)
+                self.close(conn, f"idle for {self.settings.idle_timeout:g}s (idle_timeout)", logging.INFO, kind="idle_timeout")
         if self.accepting and self.settings.idle_timeout > 0:
             self._schedule_idle_sweep()
 

@@ -3,6 +3,10 @@
 Runs in every server process. ``log_format`` is ``text`` (one line, pid included) or ``json``
 (one object per line: time, level, pid, logger, message, and traceback when there is one).
 Calling ``configure_logging`` again (a reload) replaces the previous set-up and closes its file.
+
+``RateLimitedLog`` keeps events a client can repeat at will (refused connections, overlong
+frames, failed reads) from flooding the log: at most one line per kind of event per second,
+and the next line of that kind says how many were left out.
 """
 
 from __future__ import annotations
@@ -10,9 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import TextIO
+import time
+from typing import Callable, Hashable, TextIO
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "RateLimitedLog", "LOG_REPEAT_INTERVAL_S"]
+
+# One line a second per kind of event: enough to see that it goes on and how often (the count),
+# while 120,000 refused connections in 3 s wrote 16 MB of WARNING lines, one each.
+LOG_REPEAT_INTERVAL_S = 1.0
 
 _TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
@@ -75,3 +84,42 @@ def _remove_ours(logger: logging.Logger) -> bool:
             old.close()
         found = True
     return found
+
+
+class RateLimitedLog:
+    """Logs each kind of event (``key``) at most once per ``interval_s``.
+
+    The events in between are counted, not logged; the next line of that kind that is logged
+    ends with "(N similar messages suppressed)". (If the kind never recurs, its last count is
+    not reported: nothing here runs between events.) ``key`` names a kind of event, such as
+    "refused": not a per-connection value, since each key is remembered for the process's life.
+    ``clock`` is injectable so that tests drive time.
+    """
+
+    __slots__ = ("interval_s", "clock", "_keys")
+
+    def __init__(self, interval_s: float = LOG_REPEAT_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
+        self.interval_s = interval_s
+        self.clock = clock
+        self._keys: dict[Hashable, list] = {}  # key -> [time of its last line, events left out since]
+
+    def log(self, logger: logging.Logger, key: Hashable, level: int, msg: str, *args, **kwargs) -> bool:
+        """``logger.log(level, msg, *args, **kwargs)`` unless ``key`` logged a line less than
+        ``interval_s`` ago; True if it logged."""
+        if not logger.isEnabledFor(level):
+            return False  # (a level that is off costs one check, and counts nothing)
+        now = self.clock()
+        entry = self._keys.get(key)
+        if entry is None:
+            self._keys[key] = [now, 0]
+        elif now - entry[0] < self.interval_s:
+            entry[1] += 1
+            return False
+        else:
+            suppressed = entry[1]
+            entry[0], entry[1] = now, 0
+            if suppressed:
+                msg += " (%d similar messages suppressed)"
+                args += (suppressed,)
+        logger.log(level, msg, *args, **kwargs)
+        return True

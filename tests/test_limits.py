@@ -228,8 +228,7 @@ def test_max_connections_refuses_with_one_fail_line_then_close(start_server):
                 assert list(extra.answers) == [
                     b'FAIL{"reason":"TooManyConnections","message":"server holds max_connections=3"}'
                 ]
-        log = server.wait_log(r"refused connection from .*: max_connections \(3\) reached", count=20)
-        assert len(re.findall(r"max_connections \(3\) reached", log)) == 20
+        server.wait_log(r"refused connection from .*: max_connections \(3\) reached")  # (rate-limited: test_logs)
         for client in clients:  # the connections already held are served throughout
             assert client.call("echo", {"a": 1}) == {"a": 1}
         clients.pop().close()

@@ -1,0 +1,116 @@
+"""Logging: the rate limiter for events a client can repeat at will, alone (on a clock the test
+drives) and in a real server flooded with refused connections and overlong frames."""
+
+import itertools
+import logging
+import re
+
+from simplerpc_mp.logs import RateLimitedLog
+
+from .conftest import wait_until
+from .test_hostile import Raw
+
+
+_names = itertools.count()
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append((record.levelno, record.getMessage(), record.exc_info is not None))
+
+
+def make_logger(level=logging.DEBUG):
+    logger = logging.getLogger(f"simplerpc_mp.test_logs.{next(_names)}")
+    logger.setLevel(level)
+    logger.propagate = False
+    handler = Lines()
+    logger.addHandler(handler)
+    return logger, handler.lines
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_one_line_per_second_per_kind_and_the_next_one_counts_what_was_left_out():
+    logger, lines = make_logger()
+    clock = Clock()
+    limit = RateLimitedLog(clock=clock)
+    assert limit.log(logger, "refused", logging.WARNING, "refused %s", "a")
+    for i in range(500):
+        clock.now += 0.001
+        assert not limit.log(logger, "refused", logging.WARNING, "refused %s", i)
+    assert limit.log(logger, "frame", logging.INFO, "frame %d", 1)  # another kind has its own second
+    assert lines == [(logging.WARNING, "refused a", False), (logging.INFO, "frame 1", False)]
+    clock.now = 1001.0  # a second after the first line
+    assert limit.log(logger, "refused", logging.WARNING, "refused %s", "b")
+    assert lines[-1] == (logging.WARNING, "refused b (500 similar messages suppressed)", False)
+    clock.now += 5  # after a quiet period: nothing was left out, nothing to say
+    assert limit.log(logger, "refused", logging.WARNING, "refused %s", "c")
+    assert lines[-1] == (logging.WARNING, "refused c", False)
+    assert len(lines) == 4
+
+
+def test_a_level_that_is_off_costs_nothing_and_keyword_arguments_reach_the_logger():
+    logger, lines = make_logger(logging.INFO)
+    clock = Clock()
+    limit = RateLimitedLog(interval_s=0.5, clock=clock)
+    assert not limit.log(logger, "push dropped", logging.DEBUG, "dropped %s", 1)
+    try:
+        raise ValueError("x")
+    except ValueError:
+        assert limit.log(logger, "failed", logging.ERROR, "failed", exc_info=True)
+    assert lines == [(logging.ERROR, "failed", True)]
+    clock.now += 0.5
+    assert limit.log(logger, "push dropped", logging.INFO, "dropped %s", 2)
+    assert lines[-1] == (logging.INFO, "dropped 2", False)  # the DEBUG one was not counted
+
+
+REFUSED = re.compile(r" WARNING simplerpc_mp\.acceptor: refused connection from .*: max_connections \(1\) reached"
+                     r"(?: \((\d+) similar messages suppressed\))?$", re.M)
+OVERLONG = re.compile(r" INFO simplerpc_mp\.acceptor: net_id \d+: frame longer than max_frame_bytes \(64\) discarded", re.M)
+
+
+def test_a_flood_of_refused_connections_and_overlong_frames_writes_a_few_lines(start_server):
+    """Regression: 120,287 refused connections in 3 s wrote 120,287 WARNING lines (16 MB), and
+    each overlong frame wrote an INFO line."""
+    server = start_server("--handlers", "tests.handlers.basic", "--max-connections", "1", "--max-frame-bytes", "64")
+    with Raw(server) as held:
+        assert held.exchange(b"echo{}\n", 1) == [b"OKAY{}"]
+        answers = held.exchange((b'echo{"long":"' + b"x" * 100 + b'"}\n') * 200, 200)
+        assert all(b"FrameTooLarge" in a for a in answers)
+        attempts = 0
+        for _ in range(300):
+            with Raw(server) as extra:
+                extra.wait_closed()
+                assert list(extra.answers) == [
+                    b'FAIL{"reason":"TooManyConnections","message":"server holds max_connections=1"}'
+                ]
+            attempts += 1
+        lines_before = len(REFUSED.findall(server.log()))
+        assert 1 <= lines_before <= 10, f"{lines_before} lines for 300 refusals"
+
+        def refused_and_logged():
+            # Refuse one connection at a time until a new line comes, a second after the last:
+            # it counts every refusal since. (The server logs a refusal before it answers, so
+            # when we see the line, no refusal is left uncounted.)
+            nonlocal attempts
+            with Raw(server) as extra:
+                extra.wait_closed()
+            attempts += 1
+            return len(REFUSED.findall(server.log())) > lines_before
+
+        wait_until(refused_and_logged, timeout=30, what="the next refusal line")
+        server_log = server.log()
+    counts = REFUSED.findall(server_log)
+    suppressed = sum(int(c) for c in counts if c)
+    assert counts[-1] and len(counts) + suppressed == attempts, (counts, attempts)
+    assert 1 <= len(OVERLONG.findall(server_log)) <= 3
