@@ -30,8 +30,8 @@ def started_between(conns: list[RawConn], after_ns: int, before_ns: int) -> int:
 
 @pytest.mark.parametrize("heavy_clients", [1, 10])
 def test_a_light_client_is_served_before_the_heavy_clients_backlog(start_server, heavy_clients):
-    """Heavy clients pipeline 120 concurrent 2.5 ms RPCs between them; once they run, a light
-    client sends one. Before its RPC starts, only a few of the heavy RPCs queued ahead of it may
+    """Heavy clients pipeline 120 concurrent 2.5 ms RPCs between them; once each has had its
+    first turn (so all of them keep work queued), a light client sends one. Before its RPC starts, only a few of the heavy RPCs queued ahead of it may
     start (a worker's current and next one), not the backlog (first come, first served ran ~100)."""
     server = serve(start_server, "--handlers", SCHED)
     heavy = [RawConn(server) for _ in range(heavy_clients)]
@@ -39,7 +39,8 @@ def test_a_light_client_is_served_before_the_heavy_clients_backlog(start_server,
     frames = [[("spin", {"ms": 2.5, "i": i}) for i in range(per_client)] for _ in heavy]
     for conn, fr in zip(heavy, frames):
         conn.send(fr + [end_marker(len(fr))])
-    drive(heavy, lambda: sum(len(c.answers) for c in heavy) >= 4, timeout=30)
+    # Every heavy client has had a turn: each is now a client that keeps work queued.
+    drive(heavy, lambda: all(c.answers for c in heavy), timeout=30)
     light = RawConn(server)
     sent_ns = time.monotonic_ns()
     light.send([("spin", {"ms": 2.5, "i": 0})])
@@ -149,6 +150,7 @@ def test_ttin_ttou_and_hup_with_a_spare(start_server):
     """TTIN adds a serving worker (the spare is promoted, a new spare boots), TTOU retires one;
     HUP replaces every worker, spare included; RPCs keep being answered throughout."""
     server = serve(start_server, "--handlers", SCHED, "--spare-workers", "1")
+    server.wait_log(r"as a spare")
     first = pool_at_rest(server, 3)
     with server.client() as client:
         server.send(signal.SIGTTIN)
