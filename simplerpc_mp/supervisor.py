@@ -94,7 +94,7 @@ class WorkerHandle:
         "worker_id", "process", "pid", "sock", "board", "journal", "reader", "wbuf", "jobs", "batches", "load",
         "booted", "accepting", "stopping", "dead", "lines_sent", "max_lines", "generation",
         "check_timer", "sweep_timer", "timed_out", "boot_error", "retire_reason", "kill_timer", "booted_at",
-        "claim_lock", "spare", "yield_flag", "last_done_ns",
+        "claim_lock", "spare", "yield_flag", "last_done_ns", "overdue",
     )
 
     def __init__(self, worker_id: int, process, sock: socket.socket, board, journal, generation: int, max_lines: int,
@@ -128,6 +128,7 @@ class WorkerHandle:
         self.spare = spare  # booted (or booting) in reserve: takes no jobs until promoted
         self.yield_flag = 0  # what we last wrote to its board's BOARD_YIELD
         self.last_done_ns = 0  # when its last job finished (the scheduler's cost measurements)
+        self.overdue: tuple | None = None  # the board as first seen past its deadline (check_deadline)
 
     @property
     def serving(self) -> bool:
@@ -752,8 +753,17 @@ class Pool:
         now_ns = time.monotonic_ns()
         running = job_id and any(job.job_id == job_id for job in worker.jobs)
         if running and timeout_ms > 0 and now_ns - start_ns >= timeout_ms * 1_000_000:
-            self._time_out(worker, job_id, line, timeout_ms)
+            # The slots are read without a lock: on a weakly ordered CPU (ARM64) one read may
+            # pair a new RPC with the old one's start. A worker that really is stuck shows the
+            # same board a millisecond later; one that moved on does not.
+            seen = (job_id, line, start_ns, timeout_ms)
+            if worker.overdue == seen:
+                self._time_out(worker, job_id, line, timeout_ms)
+                return
+            worker.overdue = seen
+            worker.check_timer = self.timers.call_later(0.001, self.check_deadline, worker)
             return
+        worker.overdue = None
         if running and timeout_ms > 0:
             delay = (start_ns + timeout_ms * 1_000_000 - now_ns) / 1e9
         else:
