@@ -6,6 +6,7 @@ are sync tests that call ``asyncio.run``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 import socket
@@ -543,3 +544,80 @@ def test_malformed_answer_fails_its_call_and_keeps_the_rest_in_step():
     finally:
         peer.close()
 
+
+def test_async_call_that_cannot_be_encoded_takes_no_slot(server):
+    async def main():
+        async with AsyncClient(server.host, server.port) as client:
+            with pytest.raises(TypeError):
+                await client.call("echo", {"bad": {1, 2}})
+            with pytest.raises(ValueError):
+                await client.call("echo", {"nan": float("nan")})
+            with pytest.raises(ValueError):
+                await client.call("bad{op", {})
+            with pytest.raises(TypeError):
+                await client.call("echo", [1])
+            assert await client.call("echo", {"n": 2}, timeout=10) == {"n": 2}
+            return await asyncio.gather(*(client.call("echo", {"n": n}, timeout=10) for n in (3, 4)))
+
+    assert asyncio.run(main()) == [{"n": 3}, {"n": 4}]
+
+
+def test_async_calls_that_give_up_keep_later_answers_in_step(server):
+    async def main():
+        loop = asyncio.get_running_loop()
+        unhandled = []
+        loop.set_exception_handler(lambda loop, context: unhandled.append(context["message"]))
+        async with AsyncClient(server.host, server.port) as client:
+            never_ran = asyncio.ensure_future(client.call("echo", {"i": "never"}))
+            never_ran.cancel()  # before it ran: nothing sent, no slot
+            sent = asyncio.ensure_future(client.call("slow", {"s": 0.3, "i": "cancelled"}))
+            await asyncio.sleep(0)  # one step of the task: its frame is written
+            sent.cancel()
+            with pytest.raises(asyncio.TimeoutError):
+                await client.call("slow", {"s": 0.3, "i": "timed out"}, timeout=0.01)
+            results = await asyncio.gather(*(client.call("echo", {"i": i}, timeout=20) for i in range(3)))
+            # Given up, not yet answered: closing must not leave an error nobody retrieves.
+            with pytest.raises(asyncio.TimeoutError):
+                await client.call("slow", {"s": 0.3, "i": "left"}, timeout=0.01)
+        for task in (never_ran, sent):
+            assert task.cancelled()
+        gc.collect()
+        return results, unhandled
+
+    results, unhandled = asyncio.run(main())
+    assert results == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert unhandled == []
+
+
+def test_async_answer_longer_than_the_client_line_limit_fails_the_call_and_closes(server):
+    async def main():
+        async with AsyncClient(server.host, server.port, max_frame_bytes=4096) as client:
+            assert await client.call("echo", {"i": 1}, timeout=10) == {"i": 1}
+            results = await asyncio.gather(
+                client.call("echo", {"s": "x" * 10_000}, timeout=10),
+                client.call("echo", {"i": 2}, timeout=10),
+                return_exceptions=True,
+            )
+            await asyncio.wait_for(client.closed.wait(), 10)
+            with pytest.raises(ConnectionError, match="longer than max_frame_bytes"):
+                await client.call("echo", {"i": 3}, timeout=10)
+            return results
+
+    too_large, later = asyncio.run(main())
+    assert isinstance(too_large, FrameTooLarge) and "max_frame_bytes (4096 bytes)" in str(too_large)
+    assert type(later) is ConnectionError and "longer than max_frame_bytes" in str(later)
+
+
+def test_async_malformed_answer_fails_its_call_and_keeps_the_rest_in_step():
+    peer = OneConnectionServer([b'OKAY{"n":1,\n', b'OKAY{"n":2}\n'])
+
+    async def main():
+        async with AsyncClient(*peer.address) as client:
+            with pytest.raises(MalformedPayload):
+                await client.call("a", {}, timeout=5)
+            return await client.call("b", {}, timeout=5)
+
+    try:
+        assert asyncio.run(main()) == {"n": 2}
+    finally:
+        peer.close()
