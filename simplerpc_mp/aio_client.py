@@ -6,26 +6,39 @@
 
 Answers are matched to calls first-in first-out (the protocol has no request ids), so many
 ``call()``s may be awaited at once on one connection: that is pipelining.
+
+A call encodes its frame, then writes it and takes its slot in ``_waiting`` with no ``await``
+between, so the slots are in the order of the frames on the wire. A call that gives up
+(timeout, cancellation, a failed drain) cancels its future but leaves it queued: its answer,
+when it comes, is dropped there. A line longer than ``max_frame_bytes``, or the end of the
+connection, fails every waiting call and closes the connection: past a line it could not read,
+the client could no longer tell which call an answer belongs to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections import deque
 from typing import Callable
 
-from .errors import MalformedPayload, RemoteError
+from .client import _ANSWER_PREFIXES
+from .errors import FrameTooLarge, MalformedPayload, RemoteError
 from .protocol import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, decode_frame, encode_frame, split_lines
 
 __all__ = ["AsyncClient"]
+
+log = logging.getLogger(__name__)
 
 
 class AsyncClient:
     def __init__(self, host: str = "127.0.0.1", port: int = 30000, *, max_frame_bytes: int = 64 * DEFAULT_MAX_FRAME_BYTES):
         self.host = host
         self.port = port
+        self.max_frame_bytes = max_frame_bytes  # the longest line taken from the server
         self._decoder = FrameDecoder(max_frame_bytes)
+        self._closed_reason: str | None = None  # set once the connection is closing or closed
         self._waiting: deque[asyncio.Future] = deque()
         self._push_callbacks: dict[str, list[Callable]] = {}
         self._reader: asyncio.StreamReader | None = None
@@ -45,20 +58,35 @@ class AsyncClient:
         return fn
 
     async def call(self, op: str, data: dict | None = None, timeout: float | None = None) -> dict:
-        """Send one RPC and await its answer: the OKAY dict, or ``RemoteError`` on FAIL."""
-        if self._writer is None or self.closed.is_set():
-            raise ConnectionError("not connected")
+        """Send one RPC and await its answer: the OKAY dict, or ``RemoteError`` on FAIL.
+
+        ``asyncio.TimeoutError`` after ``timeout`` seconds (the connection stays usable).
+        ``FrameTooLarge`` if the answer is longer than ``max_frame_bytes``, ``ConnectionError``
+        if the connection ended first: both leave the connection closed.
+        """
+        frame = encode_frame(op, {} if data is None else data)  # first: a frame that fails takes no slot
+        if self._writer is None or self._closed_reason is not None:
+            raise ConnectionError(self._closed_reason or "not connected")
         future = asyncio.get_running_loop().create_future()
+        self._writer.write(frame)  # buffered whole or raises: never half a frame
         self._waiting.append(future)
-        self._writer.write(encode_frame(op, {} if data is None else data))
-        await self._writer.drain()
-        # shield: on timeout the future stays queued, so the late answer still finds its place.
-        op_answer, payload = await asyncio.wait_for(asyncio.shield(future), timeout)
+        try:
+            op_answer, payload = await asyncio.wait_for(self._answer(future), timeout)
+        finally:
+            # Given up (timeout, cancellation, drain failed): the cancelled future keeps its slot,
+            # so the late answer is dropped there, and no error is set on a future nobody awaits.
+            future.cancel()
         if op_answer == "FAIL":
             raise RemoteError(str(payload.get("reason")), str(payload.get("message")))
         return payload
 
+    async def _answer(self, future: asyncio.Future) -> tuple[str, dict]:
+        await self._writer.drain()
+        return await future
+
     async def close(self) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = "connection closed by the client"
         if self._writer is not None:
             self._writer.close()
             try:
@@ -71,7 +99,7 @@ class AsyncClient:
                 await self._read_task
             except asyncio.CancelledError:
                 pass
-        self._fail_waiting()
+        self._fail_waiting(self._closed_reason)
 
     async def __aenter__(self) -> "AsyncClient":
         return await self.connect()
@@ -80,26 +108,44 @@ class AsyncClient:
         await self.close()
 
     async def _read_loop(self) -> None:
+        reason, head_error = "connection closed by the server", None
         try:
             while True:
                 data = await self._reader.read(262144)
                 if not data:
                     break
                 for chunk in self._decoder.feed(data):
-                    if chunk is not None:
-                        for line in split_lines(chunk):
-                            try:
-                                self._dispatch(line)
-                            except MalformedPayload:
-                                continue  # not a frame: skip it, keep the answers in step
-        except ConnectionError:
-            pass
+                    if chunk is None:
+                        # The line is gone, and with it the one way to tell which call its
+                        # successors answer: skipping it would hand each to the call before.
+                        limit = self.max_frame_bytes
+                        reason = f"connection closed: a line from the server was longer than max_frame_bytes ({limit} bytes)"
+                        head_error = FrameTooLarge(
+                            f"the answer is longer than max_frame_bytes ({limit} bytes); the connection is closed"
+                        )
+                        log.warning("%s:%s: %s", self.host, self.port, reason)
+                        return
+                    for line in split_lines(chunk):
+                        self._dispatch(line)
+        except OSError as exc:  # a reset, or another socket error: the connection is gone
+            reason = f"connection lost: {exc}"
         finally:
+            if self._closed_reason is None:
+                self._closed_reason = reason
+            self._fail_waiting(self._closed_reason, head_error)
+            self._writer.close()
             self.closed.set()
-            self._fail_waiting()
 
     def _dispatch(self, line: bytes) -> None:
-        op, data = decode_frame(line)
+        try:
+            op, data = decode_frame(line)
+        except MalformedPayload as exc:
+            if line.startswith(_ANSWER_PREFIXES) and self._waiting:
+                # An answer we cannot read still answers the oldest call: fail it, keep the rest in step.
+                future = self._waiting.popleft()
+                if not future.done():
+                    future.set_exception(MalformedPayload(f"the answer could not be read: {exc}"))
+            return  # not a frame, and not an answer: nothing waits for it
         if op == "OKAY" or op == "FAIL":
             if self._waiting:
                 future = self._waiting.popleft()
@@ -119,8 +165,11 @@ class AsyncClient:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    def _fail_waiting(self) -> None:
+    def _fail_waiting(self, reason: str, head_error: Exception | None = None) -> None:
+        """No answer will come now: every waiting call fails, the oldest with ``head_error`` if
+        given (the answer that could not be read was its), the others with ConnectionError."""
         while self._waiting:
             future = self._waiting.popleft()
             if not future.done():
-                future.set_exception(ConnectionError("connection closed before the answer came"))
+                future.set_exception(head_error or ConnectionError(reason))
+            head_error = None

@@ -332,7 +332,7 @@ def call(
     exits 1; no answer (refused, closed, timed out) exits 3.
     """
     from .client import Client
-    from .errors import RemoteError
+    from .errors import FrameTooLarge, MalformedPayload, RemoteError
 
     host, port = _address(address)
     payload = _json_object(sys.stdin.read() if data == "-" else data, "data")
@@ -350,7 +350,7 @@ def call(
         except RemoteError as exc:
             typer.echo(json.dumps({"FAIL": {"reason": exc.reason, "message": exc.message}}))
             raise typer.Exit(EXIT_CALL_FAILED)
-        except (TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, ConnectionError, FrameTooLarge, MalformedPayload) as exc:  # no answer we can read
             _fail(f"{address}: {exc}", EXIT_NO_ANSWER)
     typer.echo(json.dumps(answer))
 

@@ -6,6 +6,8 @@ are sync tests that call ``asyncio.run``.
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
 import signal
 import socket
 import threading
@@ -14,6 +16,7 @@ import time
 import pytest
 
 from simplerpc_mp import AsyncClient, Client, ClientHandler, RemoteError
+from simplerpc_mp.errors import FrameTooLarge, MalformedPayload
 from tests.conftest import RunningServer, wait_until
 
 
@@ -375,3 +378,246 @@ def test_async_client_survives_a_push_callback_that_raises(server):
             return await client.call("echo", {"x": 1}, timeout=5)
 
     assert asyncio.run(main()) == {"x": 1}
+
+
+# -- the FIFO of answers stays in step on every path -------------------------------------------
+
+
+class LineServer:
+    """A loopback server in a thread that answers line k (counted from 1) with
+    ``OKAY{"n": k, "len": <its bytes>, "head": <its first 16 characters>}``, so a test sees which
+    request each answer belongs to. ``hold_after``: once that many lines are answered, read no more
+    until ``resume`` is set (a server that stops reading). ``batch``: hold answers until that many
+    lines were read, then send them in one write. Lines are measured as they stream in, so one of
+    32 MiB costs no copies."""
+
+    def __init__(self, hold_after: int | None = None, batch: int = 1, hold_deadline: float = 20.0):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(30)
+        self.address = self.listener.getsockname()
+        self.hold_after = hold_after
+        self.batch = batch
+        self.hold_deadline = hold_deadline
+        self.resume = threading.Event()
+        self.resumed_by_deadline: bool | None = None  # None: it never held
+        self.answered = 0
+        self._length, self._head, self._held = 0, bytearray(), []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            data = b""
+            while True:
+                if self.answered == self.hold_after and self.resumed_by_deadline is None:
+                    self.resumed_by_deadline = not self.resume.wait(self.hold_deadline)
+                if not data:
+                    data = conn.recv(1 << 20)
+                    if not data:
+                        return  # the client closed
+                data = self._scan(conn, data)
+
+    def _scan(self, conn: socket.socket, data: bytes) -> bytes:
+        """Answer the lines ``data`` completes; return what is left unread when a hold begins."""
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            piece = data[start:] if end < 0 else data[start:end]
+            self._length += len(piece)
+            self._head += piece[: max(0, 16 - len(self._head))]
+            if end < 0:
+                return b""
+            self.answered += 1
+            self._held.append(json.dumps({"n": self.answered, "len": self._length, "head": self._head.decode()}))
+            self._length, self._head = 0, bytearray()
+            start = end + 1
+            if len(self._held) == self.batch or self.answered == self.hold_after:
+                conn.sendall("".join(f"OKAY{answer}\n" for answer in self._held).encode())
+                self._held = []
+            if self.answered == self.hold_after:
+                return data[start:]
+
+    def close(self) -> None:
+        self.resume.set()
+        self.listener.close()
+        self.thread.join(30)
+
+
+BIG = 32 * 1024 * 1024  # more than loopback's socket buffers hold: writing it blocks while the peer isn't reading
+
+
+def test_rpc_from_a_callback_while_a_frame_is_half_written_goes_after_it():
+    """The server stops reading in the middle of a big frame, after answering the RPC before it;
+    that answer's callback sends an RPC. Its frame must follow the big one, not land inside it."""
+    peer = LineServer(hold_after=1)
+    answers = []
+    try:
+        with Client(*peer.address) as client:
+            def on_first(op, data):
+                answers.append(data)
+                peer.resume.set()
+                client.rpc("inner", {}, lambda op, data: answers.append(data))
+
+            client.rpc("first", {}, on_first)
+            client.rpc("big", {"s": "x" * BIG}, lambda op, data: answers.append(data))
+            poll_until(client, lambda: len(answers) == 3, timeout=60, what="three answers")
+            assert client.pending() == 0
+    finally:
+        peer.close()
+    assert peer.resumed_by_deadline is False
+    big_len = len(b'big{"s":""}') + BIG
+    assert answers == [
+        {"n": 1, "len": len(b"first{}"), "head": "first{}"},
+        {"n": 2, "len": big_len, "head": 'big{"s":"xxxxxxx'},
+        {"n": 3, "len": len(b"inner{}"), "head": "inner{}"},
+    ]
+
+
+def test_call_from_a_callback_takes_the_answers_in_order():
+    """Two answers arrive in one read; the first one's callback makes a blocking call. The second
+    answer, already read, belongs to the second RPC, not to the call made in the callback."""
+    peer = LineServer(batch=2)
+    seen = []
+    try:
+        with Client(*peer.address) as client:
+            def on_a(op, data):
+                seen.append(("a", data["n"]))
+                seen.append(("c", client.call("c", {}, timeout=10)["n"]))
+
+            client.rpc("a", {}, on_a)
+            client.rpc("b", {}, lambda op, data: seen.append(("b", data["n"])))
+            client.rpc("pad", {})  # completes the second batch, which holds c's answer
+            poll_until(client, lambda: len(seen) == 3, what="three answers")
+    finally:
+        peer.close()
+    assert seen == [("a", 1), ("b", 2), ("c", 4)]
+
+
+def test_call_timeout_while_the_frame_is_still_being_written():
+    """A call whose frame the server does not read yet times out (its timeout covers the write);
+    the rest of its frame goes out before the next call's, and its late answer is dropped."""
+    peer = LineServer(hold_after=0)
+    try:
+        with Client(*peer.address) as client:
+            with pytest.raises(TimeoutError):
+                client.call("big", {"s": "x" * BIG}, timeout=0.5)
+            assert client.pending() == 1
+            held = peer.resumed_by_deadline is None  # the server has not read a byte yet
+            peer.resume.set()
+            assert client.call("next", {}, timeout=30) == {"n": 2, "len": len(b"next{}"), "head": "next{}"}
+            assert client.pending() == 0
+    finally:
+        peer.close()
+    assert held and peer.resumed_by_deadline is False
+
+
+def test_answer_longer_than_the_client_line_limit_fails_the_call_and_closes(server):
+    big = {"s": "x" * 10_000}
+    with Client(server.host, server.port, max_frame_bytes=4096) as client:
+        assert client.call("echo", {"i": 1}, timeout=10) == {"i": 1}
+        with pytest.raises(FrameTooLarge, match="max_frame_bytes"):
+            client.call("echo", big, timeout=10)
+        assert not client.connected and client.pending() == 0
+        with pytest.raises(ConnectionError, match="longer than max_frame_bytes"):
+            client.call("echo", {"i": 2}, timeout=10)
+    # Pipelined: the answer before the long one still reaches its RPC; every later one fails.
+    answers = []
+    with Client(server.host, server.port, max_frame_bytes=4096) as client:
+        client.rpc("echo", {"i": 1}, lambda op, data: answers.append(data))
+        client.rpc("echo", big, lambda op, data: answers.append(data))
+        with pytest.raises(ConnectionError, match="longer than max_frame_bytes"):
+            client.call("echo", {"i": 2}, timeout=10)
+        assert client.pending() == 0
+    assert answers == [{"i": 1}]
+
+
+def test_malformed_answer_fails_its_call_and_keeps_the_rest_in_step():
+    peer = OneConnectionServer([b'OKAY{"n":1,\n', b'FAIL{"reason":\n', b'OKAY{"n":3}\n'])
+    try:
+        with Client(*peer.address) as client:
+            with pytest.raises(MalformedPayload):
+                client.call("a", {}, timeout=5)
+            with pytest.raises(MalformedPayload):
+                client.call("b", {}, timeout=5)
+            assert client.call("c", {}, timeout=5) == {"n": 3}
+    finally:
+        peer.close()
+
+
+def test_async_call_that_cannot_be_encoded_takes_no_slot(server):
+    async def main():
+        async with AsyncClient(server.host, server.port) as client:
+            with pytest.raises(TypeError):
+                await client.call("echo", {"bad": {1, 2}})
+            with pytest.raises(ValueError):
+                await client.call("echo", {"nan": float("nan")})
+            with pytest.raises(ValueError):
+                await client.call("bad{op", {})
+            with pytest.raises(TypeError):
+                await client.call("echo", [1])
+            assert await client.call("echo", {"n": 2}, timeout=10) == {"n": 2}
+            return await asyncio.gather(*(client.call("echo", {"n": n}, timeout=10) for n in (3, 4)))
+
+    assert asyncio.run(main()) == [{"n": 3}, {"n": 4}]
+
+
+def test_async_calls_that_give_up_keep_later_answers_in_step(server):
+    async def main():
+        loop = asyncio.get_running_loop()
+        unhandled = []
+        loop.set_exception_handler(lambda loop, context: unhandled.append(context["message"]))
+        async with AsyncClient(server.host, server.port) as client:
+            never_ran = asyncio.ensure_future(client.call("echo", {"i": "never"}))
+            never_ran.cancel()  # before it ran: nothing sent, no slot
+            sent = asyncio.ensure_future(client.call("slow", {"s": 0.3, "i": "cancelled"}))
+            await asyncio.sleep(0)  # one step of the task: its frame is written
+            sent.cancel()
+            with pytest.raises(asyncio.TimeoutError):
+                await client.call("slow", {"s": 0.3, "i": "timed out"}, timeout=0.01)
+            results = await asyncio.gather(*(client.call("echo", {"i": i}, timeout=20) for i in range(3)))
+            # Given up, not yet answered: closing must not leave an error nobody retrieves.
+            with pytest.raises(asyncio.TimeoutError):
+                await client.call("slow", {"s": 0.3, "i": "left"}, timeout=0.01)
+        for task in (never_ran, sent):
+            assert task.cancelled()
+        gc.collect()
+        return results, unhandled
+
+    results, unhandled = asyncio.run(main())
+    assert results == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert unhandled == []
+
+
+def test_async_answer_longer_than_the_client_line_limit_fails_the_call_and_closes(server):
+    async def main():
+        async with AsyncClient(server.host, server.port, max_frame_bytes=4096) as client:
+            assert await client.call("echo", {"i": 1}, timeout=10) == {"i": 1}
+            results = await asyncio.gather(
+                client.call("echo", {"s": "x" * 10_000}, timeout=10),
+                client.call("echo", {"i": 2}, timeout=10),
+                return_exceptions=True,
+            )
+            await asyncio.wait_for(client.closed.wait(), 10)
+            with pytest.raises(ConnectionError, match="longer than max_frame_bytes"):
+                await client.call("echo", {"i": 3}, timeout=10)
+            return results
+
+    too_large, later = asyncio.run(main())
+    assert isinstance(too_large, FrameTooLarge) and "max_frame_bytes (4096 bytes)" in str(too_large)
+    assert type(later) is ConnectionError and "longer than max_frame_bytes" in str(later)
+
+
+def test_async_malformed_answer_fails_its_call_and_keeps_the_rest_in_step():
+    peer = OneConnectionServer([b'OKAY{"n":1,\n', b'OKAY{"n":2}\n'])
+
+    async def main():
+        async with AsyncClient(*peer.address) as client:
+            with pytest.raises(MalformedPayload):
+                await client.call("a", {}, timeout=5)
+            return await client.call("b", {}, timeout=5)
+
+    try:
+        assert asyncio.run(main()) == {"n": 2}
+    finally:
+        peer.close()
