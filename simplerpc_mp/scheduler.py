@@ -119,15 +119,15 @@ class Scheduler:
                 break
         return batch
 
-    def measured(self, conn, lines: int, elapsed_ns: int) -> None:
-        """A job of ``lines`` lines of ``conn`` took ``elapsed_ns`` on its worker."""
-        if lines <= 0:
-            return
-        per_line = elapsed_ns / lines
-        if conn.ns_per_line:
-            conn.ns_per_line += (per_line - conn.ns_per_line) * EWMA_WEIGHT
-        else:
-            conn.ns_per_line = per_line or 1.0
+    def measured(self, jobs: list, per_line: float) -> None:
+        """``jobs`` finished on a worker, at ``per_line`` ns for each of their lines."""
+        for job in jobs:
+            if job.count:
+                conn = job.conn
+                if conn.ns_per_line:
+                    conn.ns_per_line += (per_line - conn.ns_per_line) * EWMA_WEIGHT
+                else:
+                    conn.ns_per_line = per_line or 1.0
 
     def clear(self) -> None:
         for ring in (self.new, self.old):

@@ -304,8 +304,9 @@ class Server:
         self._close_connections()
         self.pool.stop_all(WORKER_STOP_S)
         log.info(
-            "stopped (worker crashes: %d, RPC timeouts: %d, pushes to gone connections dropped: %d)",
-            self.pool.crashes, self.pool.timeouts, self.acceptor.pushes_dropped,
+            "stopped (worker crashes: %d, RPC timeouts: %d, pushes to gone connections dropped: %d, "
+            "jobs taken back: %d, time slices given back: %d)",
+            self.pool.crashes, self.pool.timeouts, self.acceptor.pushes_dropped, self.pool.taken_back, self.pool.given_back,
         )
         self._done = True
 

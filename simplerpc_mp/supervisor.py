@@ -161,6 +161,8 @@ class Pool:
         self.min_timeout_s = settings.timeout
         self.crashes = 0
         self.timeouts = 0
+        self.taken_back = 0  # jobs taken back from a worker that had not started them
+        self.given_back = 0  # job rests a worker gave back at a time slice
         self._memory_timer = None
         self._wake_timer = None  # wakes the loop when a take-back may become due
 
@@ -353,6 +355,7 @@ class Pool:
         if not taken:
             return True
         taken.reverse()
+        self.taken_back += len(taken)
         lines = sum(job.count for job in taken)
         worker.load -= lines
         worker.lines_sent -= lines
@@ -461,6 +464,7 @@ class Pool:
         """
         acceptor = self.acceptor
         jobs = worker.jobs
+        finished = []
         for job_id, first, count, answers, pushes, session in replies:
             if not jobs or jobs[0].job_id != job_id:
                 continue
@@ -480,10 +484,17 @@ class Pool:
                 jobs.popleft()
                 if worker.batches and worker.batches[0] == job_id:
                     worker.batches.popleft()
-                now_ns = time.monotonic_ns()
-                acceptor.scheduler.measured(job.conn, job.count, now_ns - max(job.sent_ns, worker.last_done_ns))
-                worker.last_done_ns = now_ns
+                finished.append(job)
                 acceptor.job_done(job)
+        if finished:
+            # The jobs that finished in one reply share its time evenly per line: the worker
+            # sends several jobs' answers at once, so a per-job clock would charge the first.
+            now_ns = time.monotonic_ns()
+            elapsed = now_ns - max(finished[0].sent_ns, worker.last_done_ns)
+            worker.last_done_ns = now_ns
+            lines = sum(job.count for job in finished)
+            if lines:
+                acceptor.scheduler.measured(finished, elapsed / lines)
 
     def _stop_if_done(self, worker: WorkerHandle) -> None:
         """A retiring worker that holds nothing more (answered, given or taken back) is stopped."""
@@ -501,6 +512,7 @@ class Pool:
         if worker.batches and worker.batches[0] == job_id:
             worker.batches.popleft()
         rest = job.count - line
+        self.given_back += 1
         worker.load -= rest
         worker.lines_sent -= rest
         worker.last_done_ns = time.monotonic_ns()
