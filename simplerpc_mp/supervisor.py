@@ -168,9 +168,14 @@ class Pool:
             "log_file": settings.log_file,
             "access_log": settings.access_log,
         }
+        limits = {
+            "timeout": settings.timeout,
+            "max_answer_bytes": settings.max_answer_bytes,
+            "max_session_bytes": settings.max_session_bytes,
+        }
         process = self.ctx.Process(
             target=worker_main,
-            args=(theirs, board, journal, self.handlers_spec, dict(settings.handler_options), settings.timeout,
+            args=(theirs, board, journal, self.handlers_spec, dict(settings.handler_options), limits,
                   worker_id, log_settings, os.getpid()),
             name=f"simplerpc-mp-worker-{worker_id}",
             daemon=True,  # multiprocessing's atexit then ends it too, whatever happens to us

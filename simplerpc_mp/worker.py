@@ -5,6 +5,11 @@ no client socket and imports the handler module afresh (which is what makes HUP 
 It talks to the acceptor over one blocking socketpair (see ``ipc``), and leaves supervision to it:
 it ignores SIGINT and SIGTERM, dumps its stack on SIGUSR1 (sent before a timeout kill), and dies
 with the acceptor (PR_SET_PDEATHSIG, and EOF on its pipe).
+
+What a handler does wrong fails its RPC, never the worker: an exception (``Unknown``, or its
+own reason, always a string), a result or session that can't be encoded (``Unknown``), an
+answer over ``max_answer_bytes`` (``AnswerTooLarge``), a session over ``max_session_bytes``
+(``SessionTooLarge``; the change is discarded). A push over ``max_answer_bytes`` is dropped.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import socket
 import time
 
 from . import ipc
-from .errors import UNKNOWN_MESSAGE, UNKNOWN_REASON, SimpleRPCException, UnknownOpcode
-from .handlers import Conn, Handlers, HandlerLoadError, load_handlers
+from .errors import (
+    UNKNOWN_MESSAGE, UNKNOWN_REASON, AnswerTooLarge, SessionTooLarge, SimpleRPCException, UnknownOpcode,
+)
+from .handlers import Conn, Handlers, HandlerLoadError, PushLimit, load_handlers
 from .logs import configure_logging
 from .protocol import decode_frame, encode_fail, encode_okay, split_lines
 
@@ -31,11 +38,18 @@ _SESSION_PROTOCOL = pickle.HIGHEST_PROTOCOL
 FLUSH_AFTER_NS = 2_000_000
 # 64 KiB reads: larger ones make CPython allocate (and mmap) the whole size on every call.
 RECV_BYTES = 64 * 1024
+# config.py's defaults of max_answer_bytes and max_session_bytes (the server passes its values).
+DEFAULT_MAX_ANSWER_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_SESSION_BYTES = 4 * 1024 * 1024
+_UNKNOWN_ANSWER = encode_fail(UNKNOWN_REASON, UNKNOWN_MESSAGE)
 
 
-def worker_main(sock, board, journal, handlers_spec, options: dict, default_timeout: float, worker_id: int,
+def worker_main(sock, board, journal, handlers_spec, options: dict, limits: dict, worker_id: int,
                 log_settings: dict, parent_pid: int) -> None:
-    """Entry point of a worker process (called in the child)."""
+    """Entry point of a worker process (called in the child).
+
+    ``limits``: the settings ``timeout``, ``max_answer_bytes`` and ``max_session_bytes``.
+    """
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the acceptor decides when workers stop
@@ -56,7 +70,10 @@ def worker_main(sock, board, journal, handlers_spec, options: dict, default_time
     sock.sendall(ipc.frame_record(ipc.pack((ipc.HELLO, os.getpid(), handlers.describe()))))
     board = ipc.board_view(board)
     journal_writer = ipc.Journal(journal, board)
-    Worker(sock, board, journal_writer, handlers, default_timeout, log_settings.get("access_log", False)).run()
+    Worker(
+        sock, board, journal_writer, handlers, limits["timeout"], log_settings.get("access_log", False),
+        max_answer_bytes=limits["max_answer_bytes"], max_session_bytes=limits["max_session_bytes"],
+    ).run()
 
 
 def _boot_failed(sock: socket.socket, message: str) -> None:
@@ -94,7 +111,8 @@ class Worker:
     """Runs batches of jobs; one instance per worker process."""
 
     def __init__(self, sock: socket.socket, board, journal: ipc.Journal, handlers: Handlers,
-                 default_timeout: float, access_log: bool):
+                 default_timeout: float, access_log: bool, *, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+                 max_session_bytes: int = DEFAULT_MAX_SESSION_BYTES):
         self.sock = sock
         self.board = board  # an ipc.board_view
         self.journal = journal
@@ -108,6 +126,14 @@ class Worker:
         # pushes, session]; consecutive lines of a job share one reply (see ipc's docstring).
         self.replies: list[list] = []
         self.last_send_ns = 0
+        self.max_answer_bytes = max_answer_bytes
+        self.max_session_bytes = max_session_bytes
+        self.push_limit = PushLimit(max_answer_bytes)  # .dropped counts the pushes dropped
+        # The FAIL of an RPC whose session change session_change refused, for finished() to send
+        # in place of its answer; and what ran last, for that refusal's log line.
+        self.session_refusal: bytes | None = None
+        self.last_op = ""
+        self.last_net_id = 0
 
     def run(self) -> None:
         try:
@@ -148,6 +174,10 @@ class Worker:
         passed since the last send, so a slow RPC holds back other jobs' answers by at most
         that; a worker that dies loses nothing, because the acceptor reads the journal.
         """
+        if self.session_refusal is not None:
+            if count:
+                answer = self.session_refusal  # the RPC's own answer, OKAY or not, is superseded
+            self.session_refusal = None
         oversized = False
         if not self.journal.append(job_id, line, count, answer, pushes, session):
             self.send_replies()  # the journal is full: the pipe takes what it held
@@ -177,10 +207,10 @@ class Worker:
             session = pickle.loads(session_blob) if session_blob else {}
             pushes: list = []
             if kind == ipc.CONNECT or kind == ipc.DISCONNECT:
-                self.run_hook(kind, Conn(net_id, session, pushes))
+                self.run_hook(kind, Conn(net_id, session, pushes, push_limit=self.push_limit))
                 self.finished(job_id, 0, 0, b"", pushes, self.session_change(kind, session, session_blob))
                 continue
-            conn = Conn(net_id, session, pushes, read_only=kind == ipc.CONCURRENT)
+            conn = Conn(net_id, session, pushes, read_only=kind == ipc.CONCURRENT, push_limit=self.push_limit)
             tracks_session = kind != ipc.CONCURRENT
             for index, line in enumerate(split_lines(payload)):
                 if index:
@@ -202,13 +232,44 @@ class Worker:
                 self.finished(job_id, index, 1, answer, pushes, change)
         board[ipc.BOARD_JOB] = 0
 
-    @staticmethod
-    def session_change(kind: int, session: dict, old_blob):
-        """The new pickled session if a serial job changed it, else ``UNCHANGED``."""
+    def session_change(self, kind: int, session: dict, old_blob):
+        """The new pickled session if a serial job changed it, else ``UNCHANGED``.
+
+        A change that can't be pickled, or pickles past ``max_session_bytes``, is discarded:
+        ``session`` is put back as it was, and the RPC's answer becomes a FAIL (``finished``
+        sends ``session_refusal`` instead).
+        """
         if kind == ipc.CONCURRENT or (not session and not old_blob):
             return ipc.UNCHANGED
-        new_blob = pickle.dumps(session, _SESSION_PROTOCOL) if session else None
+        if not session:
+            return None
+        try:
+            new_blob = pickle.dumps(session, _SESSION_PROTOCOL)
+        except Exception:  # the values' own pickling code (a lock, a socket, a __reduce__): the handler's bug
+            log.exception(
+                "op %r left a conn.session that cannot be pickled; the change is discarded (net_id %s, pid %s)",
+                self.last_op, self.last_net_id, self.pid,
+            )
+            return self._refuse_session(session, old_blob, _UNKNOWN_ANSWER)
+        if len(new_blob) > self.max_session_bytes:
+            log.warning(
+                "op %r left a conn.session of %d bytes pickled, over max_session_bytes (%d); the change is "
+                "discarded (net_id %s, pid %s)",
+                self.last_op, len(new_blob), self.max_session_bytes, self.last_net_id, self.pid,
+            )
+            return self._refuse_session(session, old_blob, encode_fail(
+                SessionTooLarge.__name__,
+                f"conn.session would be {len(new_blob)} bytes pickled, over max_session_bytes "
+                f"({self.max_session_bytes}); the change was discarded",
+            ))
         return ipc.UNCHANGED if new_blob == old_blob else new_blob
+
+    def _refuse_session(self, session: dict, old_blob, answer: bytes):
+        session.clear()  # in place: the job's next lines see the session as it was
+        if old_blob:
+            session.update(pickle.loads(old_blob))
+        self.session_refusal = answer
+        return ipc.UNCHANGED
 
     def run_line(self, conn: Conn, line: bytes) -> bytes:
         """Run one RPC and return its encoded answer; never raises."""
@@ -233,16 +294,32 @@ class Worker:
             if type(result) is not dict and not isinstance(result, dict):
                 result = {"result": result}
         except SimpleRPCException as exc:
-            answer = encode_fail(exc.reason, str(exc))
+            answer = self.fail_answer(exc, op, conn)
         except Exception:  # the handler boundary: any other error is the handler's bug
             log.exception("handler for op %r failed (net_id %s, pid %s)", op, conn.net_id, self.pid)
-            answer = encode_fail(UNKNOWN_REASON, UNKNOWN_MESSAGE)
+            answer = _UNKNOWN_ANSWER
         else:
             try:
                 answer = encode_okay(result)
             except (TypeError, ValueError, RecursionError) as exc:  # not JSON: an object, NaN, a cycle, too deep
                 log.error("handler for op %r returned data JSON cannot encode (net_id %s, pid %s): %s", op, conn.net_id, self.pid, exc)
-                answer = encode_fail(UNKNOWN_REASON, UNKNOWN_MESSAGE)
+                answer = _UNKNOWN_ANSWER
+            except Exception:  # the result's own code raised while encoded (a dict subclass's items())
+                log.exception("handler for op %r returned data that failed to encode (net_id %s, pid %s)", op, conn.net_id, self.pid)
+                answer = _UNKNOWN_ANSWER
+        if len(answer) > self.max_answer_bytes:
+            # Decided here, not by the acceptor's output limits: those close a connection, and
+            # are for clients that don't read, not for one answer too large to send.
+            log.warning(
+                "answer to op %r is %d bytes, over max_answer_bytes (%d); sending AnswerTooLarge (net_id %s, pid %s)",
+                op, len(answer), self.max_answer_bytes, conn.net_id, self.pid,
+            )
+            answer = encode_fail(
+                AnswerTooLarge.__name__,
+                f"the answer is {len(answer)} bytes, over max_answer_bytes ({self.max_answer_bytes})",
+            )
+        self.last_op = op
+        self.last_net_id = conn.net_id
         if own_timeout:
             self.board[ipc.BOARD_TIMEOUT_MS] = self.default_timeout_ms
         if self.access_log:
@@ -253,7 +330,28 @@ class Worker:
             )
         return answer
 
+    def fail_answer(self, exc: SimpleRPCException, op: str, conn: Conn) -> bytes:
+        """The FAIL for a ``SimpleRPCException``; its reason is always a string on the wire."""
+        try:
+            reason = exc.reason
+            message = str(exc)
+        except Exception:  # a subclass's own reason or __str__ raised: the handler's bug
+            log.exception(
+                "handler for op %r raised %s, whose reason or message failed (net_id %s, pid %s)",
+                op, type(exc).__name__, conn.net_id, self.pid,
+            )
+            return _UNKNOWN_ANSWER
+        if not isinstance(reason, str):
+            log.error(
+                "handler for op %r raised %s with a reason of type %s, not str; sent as the class name (net_id %s, pid %s)",
+                op, type(exc).__name__, type(reason).__name__, conn.net_id, self.pid,
+            )
+            reason = type(exc).__name__
+        return encode_fail(reason, message)
+
     def run_hook(self, kind: int, conn: Conn) -> None:
+        self.last_op = "<on_connect>" if kind == ipc.CONNECT else "<on_disconnect>"
+        self.last_net_id = conn.net_id
         try:
             if kind == ipc.CONNECT:
                 self.handlers.connect_fn(conn)
