@@ -88,7 +88,7 @@ class Connection:
     __slots__ = (
         "net_id", "sock", "peer", "decoder", "queue", "running", "serial_running",
         "next_seq", "write_seq", "done", "session", "wbuf", "state", "events",
-        "last_active", "soft_since", "disconnect_queued",
+        "last_active", "soft_since", "disconnect_queued", "session_version",
     )
 
     def __init__(self, net_id: int, sock: socket.socket, peer, max_frame_bytes: int, now: float):
@@ -103,6 +103,7 @@ class Connection:
         self.write_seq = 0  # seq of the next answer to write
         self.done: dict[int, tuple[bytes, int]] = {}  # answers that arrived ahead of their turn
         self.session = None  # pickled dict, None when empty; only workers unpickle it
+        self.session_version = 0  # changes applied to it (what a worker holds: ipc.SessionCache)
         self.wbuf = bytearray()
         self.state = OPEN
         self.events = READ
@@ -385,6 +386,7 @@ class Acceptor:
         conn = job.conn
         if session is not ipc.UNCHANGED:
             conn.session = session
+            conn.session_version += 1
         if count:
             self.complete(conn, job.first + first, answers, count)
 

@@ -85,6 +85,7 @@ class WorkerHandle:
         "worker_id", "process", "pid", "sock", "board", "journal", "reader", "wbuf", "jobs", "batches", "load",
         "booted", "accepting", "stopping", "dead", "lines_sent", "max_lines", "generation",
         "check_timer", "sweep_timer", "timed_out", "boot_error", "retire_reason", "kill_timer", "replace_pending", "booted_at",
+        "sessions",
     )
 
     def __init__(self, worker_id: int, process, sock: socket.socket, board, journal, generation: int, max_lines: int):
@@ -114,6 +115,7 @@ class WorkerHandle:
         self.kill_timer = None
         self.replace_pending = False  # to be retired once a replacement has booted
         self.booted_at = 0.0
+        self.sessions = ipc.SessionCache()  # which connections' sessions it holds (see ipc)
 
 
 class Pool:
@@ -263,7 +265,10 @@ class Pool:
             job.job_id = job_id
             job_id += 1
             lines += job.count
-            items.append((job.job_id, job.kind, job.conn.net_id, job.payload, job.conn.session))
+            session = job.conn.session
+            if session is not None or job.kind == ipc.DISCONNECT:
+                session = self._session_for(worker, job)
+            items.append((job.job_id, job.kind, job.conn.net_id, job.payload, session))
         self.next_job_id = job_id
         worker.jobs.extend(batch)
         worker.batches.append(job_id - 1)
@@ -276,6 +281,12 @@ class Pool:
             worker.check_timer = self.timers.call_later(self.min_timeout_s, self.check_deadline, worker)
         if worker.max_lines and worker.lines_sent >= worker.max_lines:
             self.recycle(worker, f"served max_requests ({worker.max_lines})")
+
+    @staticmethod
+    def _session_for(worker: WorkerHandle, job: Job):
+        """The job's session as this worker is sent it: ``HELD`` if it has the current one."""
+        conn = job.conn
+        return worker.sessions.ship(conn.net_id, job.kind, conn.session_version, conn.session)
 
     def _write(self, worker: WorkerHandle, data: bytes) -> None:
         if worker.wbuf:

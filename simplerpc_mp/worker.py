@@ -129,6 +129,7 @@ class Worker:
         self.max_answer_bytes = max_answer_bytes
         self.max_session_bytes = max_session_bytes
         self.push_limit = PushLimit(max_answer_bytes)  # .dropped counts the pushes dropped
+        self.held = ipc.SessionCache()  # the sessions the acceptor may send as HELD (see ipc)
         # The FAIL of an RPC whose session change session_change refused, for finished() to send
         # in place of its answer; and what ran last, for that refusal's log line.
         self.session_refusal: bytes | None = None
@@ -155,7 +156,7 @@ class Worker:
                 if message[0] == ipc.STOP:
                     self.send_replies()
                     return
-                self.run_batch(message[1])
+                self.run_batch(self.take_sessions(message[1]))
             self.send_replies()
 
     def send_replies(self) -> None:
@@ -191,6 +192,15 @@ class Worker:
             replies.append([job_id, line, count, [answer], pushes or (), session])
         if oversized:
             self.send_replies()  # larger than the whole journal: it goes to the pipe at once
+
+    def take_sessions(self, jobs: list) -> list:
+        """Replace each job's session field by the pickled session it stands for (``HELD``
+        included), in order, for every job received: see ipc's docstring."""
+        held = self.held
+        for index, job in enumerate(jobs):
+            if job[4] is not None or job[1] == ipc.DISCONNECT:
+                jobs[index] = job[:4] + (held.take(job[2], job[1], job[4]),)
+        return jobs
 
     def run_batch(self, jobs: list) -> None:
         board = self.board

@@ -10,10 +10,15 @@ past the double range, a push JSON cannot encode.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 
 import pytest
-from simplerpc_mp import config, worker
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from simplerpc_mp import config, ipc, worker
 from tests.conftest import RunningServer
 from tests.test_server import RawConn, frame
 
@@ -141,6 +146,69 @@ def test_a_session_over_max_session_bytes_fails_session_too_large_and_is_discard
     assert answers[2][1]["session"] == {"a": 1}
     assert answers[3] == ("OKAY", {"i": 6})
     faults.wait_log(r"op 'set_big' left a conn.session of \d+ bytes pickled, over max_session_bytes \(1048576\)")
+
+
+def test_an_unchanged_session_is_not_shipped_to_a_worker_that_holds_it(start_server):
+    """What the worker received between two RPCs: the job's bytes, not the session's. Then the
+    session stays exact when the worker holding it dies, and when it changes."""
+    server = start_server("--handlers", HANDLERS + ":counted", "--max-session-bytes", str(4 * MiB), workers=1)
+    size = 2 * MiB
+    with RawConn(server) as conn:
+        assert conn.call("set_big", {"n": size}) == ("OKAY", {})
+        reads = [conn.call("received", {})[1] for _ in range(4)]
+        assert len({r["pid"] for r in reads}) == 1
+        deltas = [b["bytes"] - a["bytes"] for a, b in zip(reads, reads[1:])]
+        assert reads[0]["bytes"] > size  # the counter sees the session when it is shipped
+        assert max(deltas) < size // 4, deltas
+
+        old_pid = reads[0]["pid"]
+        assert conn.call("set", {"a": 1}) == ("OKAY", {})
+        os.kill(old_pid, signal.SIGKILL)
+        server.wait_log(r"worker \d+ booted", count=2)
+        op, data = conn.call("get", {})
+        assert op == "OKAY" and data["pid"] != old_pid
+        assert data["session"] == {"big": "s" * size, "a": 1}
+        assert conn.call("set", {"a": 2}) == ("OKAY", {})
+        assert conn.call("get", {})[1]["session"]["a"] == 2
+
+
+# The pool and the worker each keep a SessionCache per worker; the worker must always find what
+# the pool sends as HELD, and it must be the connection's current session.
+_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["ship", "ship", "ship", "change", "empty"]),
+        st.integers(0, 5),  # connection
+        st.integers(0, 1),  # worker
+        st.sampled_from([ipc.SERIAL, ipc.CONCURRENT, ipc.CONNECT, ipc.DISCONNECT]),
+        st.integers(1, 30),  # blob size after a change
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ops, st.integers(1, 4), st.integers(10, 80))
+def test_session_caches_of_pool_and_worker_agree(ops, max_entries, max_bytes):
+    sessions = {}  # net_id -> [version, blob]
+    pool = [ipc.SessionCache(max_entries, max_bytes) for _ in range(2)]
+    workers = [ipc.SessionCache(max_entries, max_bytes) for _ in range(2)]
+    for step, (what, net_id, worker_index, kind, size) in enumerate(ops):
+        state = sessions.setdefault(net_id, [0, None])
+        if what == "change":
+            state[0] += 1
+            state[1] = bytes([step % 256]) * size  # a new blob, maybe equal in size to the last
+        elif what == "empty":
+            state[0] += 1
+            state[1] = None
+        else:
+            field = pool[worker_index].ship(net_id, kind, state[0], state[1])
+            if field is not None or kind == ipc.DISCONNECT:
+                got = workers[worker_index].take(net_id, kind, field)
+            else:
+                got = None
+            assert got == (None if kind == ipc.DISCONNECT else state[1])
+            assert list(pool[worker_index].entries) == list(workers[worker_index].entries)
+            assert pool[worker_index].size == workers[worker_index].size <= max_bytes
 
 
 def test_worker_limits_default_to_the_settings_defaults():
