@@ -4,7 +4,8 @@ Runs in each worker process, started with the ``spawn`` method by the supervisor
 no client socket and imports the handler module afresh (which is what makes HUP a reload).
 It talks to the acceptor over one blocking socketpair (see ``ipc``), and leaves supervision to it:
 it ignores SIGINT and SIGTERM, dumps its stack on SIGUSR1 (sent before a timeout kill), and dies
-with the acceptor (PR_SET_PDEATHSIG, and EOF on its pipe).
+with the acceptor (PR_SET_PDEATHSIG, and EOF on its pipe). Once it has answered what it holds
+(STOP) it exits at once, whatever threads its handlers left running.
 
 What a handler does wrong fails its RPC, never the worker: an exception (``Unknown``, or its
 own reason, always a string), a result or session that can't be encoded (``Unknown``), an
@@ -14,6 +15,7 @@ answer over ``max_answer_bytes`` (``AnswerTooLarge``), a session over ``max_sess
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import logging
 import os
@@ -74,6 +76,21 @@ def worker_main(sock, board, journal, handlers_spec, options: dict, limits: dict
         sock, board, journal_writer, handlers, limits["timeout"], log_settings.get("access_log", False),
         max_answer_bytes=limits["max_answer_bytes"], max_session_bytes=limits["max_session_bytes"],
     ).run()
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """Exit without waiting for the threads handlers started: a non-daemon one would hold the
+    process in interpreter shutdown until the supervisor killed it (and counted a crash). What
+    the worker held is answered by now; the logs and atexit functions still get their turn."""
+    atexit._run_exitfuncs()  # the handler module's own clean-up, as a normal exit would run it
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or its reader has gone: nothing to save
+            pass
+    os._exit(code)
 
 
 def _boot_failed(sock: socket.socket, message: str) -> None:

@@ -1,7 +1,7 @@
 """What a handler does wrong fails its RPC, never its worker; what it sends is bounded; a worker
 that has answered everything exits at once. Real servers and worker processes, plain sockets.
 
-Items 3, 9, 11, 18 and 22 of the reliability issue: an answer or push over
+Items 3, 8 (worker side), 9, 11, 18 and 22 of the reliability issue: an answer or push over
 ``max_answer_bytes``, a non-daemon thread left by a handler, an unpicklable session value, an
 exception whose ``__str__`` raises, a result whose ``.items()`` raises, a ``reason`` that is not a
 string, a session over ``max_session_bytes`` (and one not shipped again when unchanged), a number
@@ -226,3 +226,28 @@ def test_a_number_past_the_double_range_is_malformed_payload(faults):
     assert [(op, data.get("reason")) for op, data in answers[:2]] == [("FAIL", "MalformedPayload")] * 2
     assert "out of the range of a double" in answers[0][1]["message"]
     assert answers[2] == ("OKAY", {"a": 1e308})
+
+
+# -- item 8: threads a handler leaves running ----------------------------------------------------
+
+
+def test_a_recycled_worker_with_a_stray_thread_exits_cleanly(start_server):
+    server = start_server("--handlers", HANDLERS, "--max-requests", "2", "--max-requests-jitter", "0", workers=1)
+    with RawConn(server) as conn:
+        pid = conn.call("stray_thread", {})[1]["pid"]
+        assert conn.call("echo", {"i": 1}) == ("OKAY", {"i": 1})
+        # Before the fix the worker sat in interpreter shutdown until its 10 s stop wait ran out,
+        # then was SIGKILLed and logged as died (a crash).
+        log = server.wait_log(rf"worker 1 \(pid {pid}\) (exited|died|killed)", timeout=60)
+        assert re.search(rf"worker 1 \(pid {pid}\) exited \(served max_requests \(2\)\)", log), log[-3000:]
+        assert conn.call("echo", {"i": 2}) == ("OKAY", {"i": 2})
+    assert_no_worker_died(server)
+
+
+def test_a_graceful_stop_does_not_wait_for_a_stray_thread(start_server):
+    server = start_server("--handlers", HANDLERS, workers=1)
+    with RawConn(server) as conn:
+        assert conn.call("stray_thread", {})[0] == "OKAY"
+    assert server.stop(signal.SIGTERM, timeout=60) == 0
+    log = server.log()
+    assert "did not stop" not in log, log[-3000:]
