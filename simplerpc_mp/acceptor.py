@@ -75,16 +75,13 @@ class Job:
         self.sent_ns = 0  # when it went to a worker (for the scheduler's cost measurements)
 
     def split(self, lines: int) -> "Job":
-        """Cut off and return the first ``lines`` lines as a job of their own; this job keeps the
-        rest. Both count as running for their connection (its order rules hold for the two)."""
+        """Cut off and return the first ``lines`` lines as a job of their own (it takes this
+        job's place in the connection's counts); this job keeps the rest, to be queued again."""
         end = nth_line_end(self.payload, lines) + 1
         head = Job(self.conn, self.kind, self.first, lines, self.payload[:end])
         self.payload = self.payload[end:]
         self.first += lines
         self.count -= lines
-        self.conn.running += 1
-        if self.kind != ipc.CONCURRENT:
-            self.conn.serial_running += 1
         return head
 
     def rest(self, from_line: int) -> "Job":
@@ -111,6 +108,7 @@ class Connection:
         "net_id", "sock", "peer", "decoder", "queue", "running", "serial_running",
         "next_seq", "write_seq", "done", "session", "wbuf", "state", "events",
         "last_active", "soft_since", "disconnect_queued", "runnable", "scheduled", "ns_per_line",
+        "session_version",
     )
 
     def __init__(self, net_id: int, sock: socket.socket, peer, max_frame_bytes: int, now: float):
@@ -128,6 +126,7 @@ class Connection:
         self.write_seq = 0  # seq of the next answer to write
         self.done: dict[int, tuple[bytes, int]] = {}  # answers that arrived ahead of their turn
         self.session = None  # pickled dict, None when empty; only workers unpickle it
+        self.session_version = 0  # changes applied to it (what a worker holds: ipc.SessionCache)
         self.wbuf = bytearray()
         self.state = OPEN
         self.events = READ
@@ -409,11 +408,16 @@ class Acceptor:
             conn.queue.appendleft(Job(conn, job.kind, job.first, 0, b""))
 
     def take_back(self, jobs: list) -> None:
-        """Jobs (or the rest of one) that a worker has not started: first in line for another.
+        """Jobs that a worker has not started: first in line for another worker.
 
         Unlike ``requeue`` they stay runnable: the connection's running counts already hold them.
         """
-        self.scheduler.push_front(jobs)
+        self.scheduler.push_taken_back(jobs)
+
+    def give_back(self, rest: Job) -> None:
+        """The rest of a serial job that a worker cut at a time slice: in line again, after the
+        other connections' turns (the connection's running counts already hold it)."""
+        self.scheduler.push_given_back(rest)
 
     # -- answers and pushes ----------------------------------------------------------------
 
@@ -423,6 +427,7 @@ class Acceptor:
         conn = job.conn
         if session is not ipc.UNCHANGED:
             conn.session = session
+            conn.session_version += 1
         if count:
             self.complete(conn, job.first + first, answers, count)
 

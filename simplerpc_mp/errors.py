@@ -20,6 +20,8 @@ __all__ = [
     "Timeout",
     "ShuttingDown",
     "SessionReadOnly",
+    "AnswerTooLarge",
+    "SessionTooLarge",
     "RemoteError",
     "UNKNOWN_REASON",
     "UNKNOWN_MESSAGE",
@@ -34,7 +36,8 @@ UNKNOWN_MESSAGE = "Unknown Server Error"
 class SimpleRPCException(Exception):
     """Base of every error that becomes a FAIL answer with the class name as its reason.
 
-    Raise a subclass of it in a handler to fail one RPC with a reason of your own.
+    Raise a subclass of it in a handler to fail one RPC with a reason of your own. A subclass
+    may override ``reason``; one that is not a ``str`` is replaced by the class name on the wire.
     """
 
     @property
@@ -91,6 +94,15 @@ class ShuttingDown(SimpleRPCException):
 
 class SessionReadOnly(SimpleRPCException, TypeError):
     """A concurrent op tried to change ``conn.session``."""
+
+
+# The handler's output is too large to send: the RPC fails, the worker and connection go on.
+class AnswerTooLarge(SimpleRPCException):
+    """The encoded answer is longer than ``max_answer_bytes``."""
+
+
+class SessionTooLarge(SimpleRPCException):
+    """The RPC left a pickled ``conn.session`` longer than ``max_session_bytes``; the change was discarded."""
 
 
 class RemoteError(Exception):

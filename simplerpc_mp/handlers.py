@@ -9,6 +9,7 @@ which routes them by ``net_id``.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from typing import Any, Callable
@@ -17,9 +18,11 @@ from .config import SETTINGS_BY_NAME, ConfigError
 from .errors import SessionReadOnly
 from .protocol import encode_frame
 
-__all__ = ["Handlers", "Conn", "load_handlers", "HandlerLoadError", "BROADCAST"]
+__all__ = ["Handlers", "Conn", "PushLimit", "load_handlers", "HandlerLoadError", "BROADCAST"]
 
 BROADCAST = -1  # push target meaning "every connected client"
+
+log = logging.getLogger("simplerpc_mp.handlers")
 
 
 class HandlerLoadError(Exception):
@@ -138,31 +141,68 @@ class _ReadOnlySession(dict):
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
 
 
+class PushLimit:
+    """The largest push frame a worker sends (``max_answer_bytes``), and how many it dropped."""
+
+    __slots__ = ("max_bytes", "dropped")
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.dropped = 0
+
+
 class Conn:
-    """What a handler gets as ``conn``: identity, session, and the ways to push RPCs."""
+    """What a handler gets as ``conn``: identity, session, and the ways to push RPCs.
 
-    __slots__ = ("net_id", "session", "okay_data", "pushes")
+    A push is encoded here, when the handler makes it: data JSON cannot encode raises (the RPC
+    fails ``Unknown``, and the error names the push), and a frame longer than ``push_limit``
+    allows is dropped, logged and counted; the RPC goes on, since the answer is still small.
+    """
 
-    def __init__(self, net_id: int, session: dict, pushes: list, read_only: bool = False):
+    __slots__ = ("net_id", "session", "okay_data", "pushes", "push_limit")
+
+    def __init__(self, net_id: int, session: dict, pushes: list, read_only: bool = False,
+                 push_limit: PushLimit | None = None):
         self.net_id = net_id
         self.session = _ReadOnlySession(session) if read_only else session
         self.okay_data: dict | None = None
         self.pushes = pushes  # (target net_id or BROADCAST, encoded frame), sent with the answer
+        self.push_limit = push_limit  # None: no size limit (a Conn made outside a worker)
 
     def rpc(self, op: str, data: dict) -> None:
         """Push an RPC to this client."""
-        self.pushes.append((self.net_id, encode_frame(op, data)))
+        self._push(self.net_id, op, data)
 
     def rpc_to(self, net_id: int, op: str, data: dict) -> None:
         """Push an RPC to another connection; dropped (and counted) if it has gone."""
-        self.pushes.append((int(net_id), encode_frame(op, data)))
+        self._push(int(net_id), op, data)
 
     def rpc_all(self, op: str, data: dict) -> None:
         """Push an RPC to every connected client, this one included."""
-        self.pushes.append((BROADCAST, encode_frame(op, data)))
+        self._push(BROADCAST, op, data)
+
+    def _push(self, target: int, op: str, data: dict) -> None:
+        try:
+            frame = encode_frame(op, data)
+        except (TypeError, ValueError, RecursionError) as exc:
+            # The same error type, so a handler catching it still does; the message says which push.
+            raise type(exc)(f"push {op!r} to {_target_name(target)} cannot be encoded: {exc}") from None
+        limit = self.push_limit
+        if limit is not None and len(frame) > limit.max_bytes:
+            limit.dropped += 1
+            log.warning(
+                "push %r to %s dropped: %d bytes is over max_answer_bytes (%d) (from net_id %s, pid %s; %d dropped so far)",
+                op, _target_name(target), len(frame), limit.max_bytes, self.net_id, os.getpid(), limit.dropped,
+            )
+            return
+        self.pushes.append((target, frame))
 
     # The seed's Connection and Client both spelled it this way.
     send = rpc
+
+
+def _target_name(target: int) -> str:
+    return "every connection" if target == BROADCAST else f"net_id {target}"
 
 
 def load_handlers(spec: str) -> Handlers:

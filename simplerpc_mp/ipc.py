@@ -38,6 +38,17 @@ The journal (below) is read by the acceptor while its worker writes it, with no 
 memory barrier. A torn read is made detectable on any memory model, not only x86's ordered
 stores: every record carries a CRC-32, checked before the record is used; a live read that meets
 a record failing it keeps what came before and leaves the rest to the next sweep.
+
+A job's ``session`` may also be ``HELD``: "the session you were last sent for this net_id is
+still the connection's" (a session may be megabytes, and most RPCs leave it as it is). Each side
+keeps a ``SessionCache`` per worker: the pool one of the version it shipped (``Connection.
+session_version`` counts the changes applied), the worker one of the blob it received. Both
+apply the same operations to it, in the same order: the pool as it builds a batch, the worker
+as it receives it, for every job of the batch whether or not it then runs there, so both evict
+the same entries and ``HELD`` is only sent for what the worker still has. A ``DISCONNECT`` job
+carries no session and drops the net_id's entry on both sides. A new worker starts empty, as
+its handle's cache does; a job sent again (requeued, taken back) is shipped afresh for its new
+worker. A session the worker changes itself is not kept: the next job ships it once more.
 """
 
 from __future__ import annotations
@@ -45,10 +56,11 @@ from __future__ import annotations
 import pickle
 import struct
 import zlib
+from collections import OrderedDict
 
 __all__ = [
     "BATCH", "STOP", "HELLO", "BOOT_ERROR", "REPLY", "GIVE_BACK",
-    "SERIAL", "CONCURRENT", "CONNECT", "DISCONNECT", "UNCHANGED",
+    "SERIAL", "CONCURRENT", "CONNECT", "DISCONNECT", "UNCHANGED", "HELD", "SessionCache",
     "RecordReader", "frame_record", "pack", "unpack",
     "EXIT_BOOT_ERROR", "BOARD_SLOTS", "board_view", "JOURNAL_BYTES", "Journal", "read_journal",
 ]
@@ -58,6 +70,7 @@ BATCH, STOP, HELLO, BOOT_ERROR, REPLY, GIVE_BACK = range(6)
 # job kinds
 SERIAL, CONCURRENT, CONNECT, DISCONNECT = range(4)
 UNCHANGED = False
+HELD = True  # a job's session: the one this worker was last sent for the net_id (see above)
 
 # A worker that cannot load its handlers exits with this code (gunicorn's APP_LOAD_ERROR idea):
 # the supervisor then stops instead of respawning it in a loop.
@@ -190,6 +203,69 @@ def read_journal(shared, board) -> list:
         replies.append((job_id, first, count, data[body:answer_end], pushes, session))
         offset = end
     return replies
+
+
+# What one worker holds: a few hundred connections' sessions, at most 64 MiB of them (16 sessions
+# of the default max_session_bytes); a connection that comes back after eviction is shipped again.
+SESSION_CACHE_ENTRIES = 256
+SESSION_CACHE_BYTES = 64 * 1024 * 1024
+
+
+class SessionCache:
+    """The sessions a worker holds, by net_id, least recently shipped first (see the docstring).
+
+    The pool's copy stores versions, the worker's the pickled sessions; since evictions depend
+    only on the net_ids and blob sizes, both evict alike.
+    """
+
+    __slots__ = ("entries", "size", "max_entries", "max_bytes")
+
+    def __init__(self, max_entries: int = SESSION_CACHE_ENTRIES, max_bytes: int = SESSION_CACHE_BYTES):
+        self.entries: OrderedDict = OrderedDict()  # net_id -> (version or blob, blob size)
+        self.size = 0
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+
+    def ship(self, net_id: int, kind: int, version: int, blob):
+        """The pool's side: the session field to send in a job for this worker."""
+        if kind == DISCONNECT:
+            self._discard(net_id)
+            return None
+        if blob is None:
+            return None
+        entry = self.entries.get(net_id)
+        if entry is not None and entry[0] == version:
+            self.entries.move_to_end(net_id)
+            return HELD
+        self._store(net_id, version, len(blob))
+        return blob
+
+    def take(self, net_id: int, kind: int, field):
+        """The worker's side: the pickled session (or None) a received job's field stands for."""
+        if kind == DISCONNECT:
+            self._discard(net_id)
+            return None
+        if field is HELD:
+            self.entries.move_to_end(net_id)  # a KeyError here would be a broken promise: loud
+            return self.entries[net_id][0]
+        if field is not None:
+            self._store(net_id, field, len(field))
+        return field
+
+    def _store(self, net_id: int, value, size: int) -> None:
+        self._discard(net_id)
+        if size > self.max_bytes:
+            return
+        entries = self.entries
+        entries[net_id] = (value, size)
+        self.size += size
+        while len(entries) > self.max_entries or self.size > self.max_bytes:
+            self.size -= entries.popitem(last=False)[1][1]
+
+    def _discard(self, net_id: int) -> None:
+        entry = self.entries.pop(net_id, None)
+        if entry is not None:
+            self.size -= entry[1]
 
 
 def pack(message: tuple) -> bytes:

@@ -9,8 +9,10 @@ Grammar (wire-compatible with pjsdev/simplerpc)::
 
 A frame is malformed when it has no ``{``, its OPNAME is empty, it is not UTF-8, or the text
 from the first ``{`` on is not one JSON object (surrounding white space, such as a CR before
-the LF, is allowed, as the original strips it). A line longer than ``max_frame_bytes`` is
-dropped by the decoder and reported as ``None`` in its place, so the caller can answer it.
+the LF, is allowed, as the original strips it). NaN and the infinities are not JSON: neither the
+literals nor a number past the double range (``1e999``) is read, and none is written. A line
+longer than ``max_frame_bytes`` is dropped by the decoder and reported as ``None`` in its
+place, so the caller can answer it.
 
 The JSON codec is orjson when it is installed and writes as json does (``JSON_CODEC ==
 "orjson"``), else the standard library (``"stdlib"``); ``SIMPLERPC_MP_JSON=stdlib`` in the
@@ -154,7 +156,19 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-_decoder = json.JSONDecoder(parse_constant=_refuse_constant)
+def _finite_float(text: str) -> float:
+    """A JSON number with a fraction or exponent, refused if a double can't hold it: json would
+    read ``1e999`` as Infinity, which no answer could then carry (and other parsers refuse)."""
+    value = float(text)
+    if value - value != 0.0:  # inf - inf is NaN
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise ValueError(f"number {shown} is out of the range of a double")
+    return value
+
+
+# parse_float costs a Python call per float (json's C scanner special-cases float itself); the
+# orjson path refuses such numbers on its own and sends the frame here only for the error.
+_decoder = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 _loads = _decoder.decode
 _scan_once = _decoder.scan_once
 _skip_white_space = WHITESPACE.match  # what JSONDecoder.decode allows after the value
@@ -226,6 +240,8 @@ def _frame_stdlib(prefix: bytes, data) -> bytes:
     try:
         text = "".join(_dumps_unchecked(data, 0))
     except RecursionError:
+        text = None
+    if text is None:  # outside the except clause, so its ValueError comes unchained
         text = _dumps_checked(data)
     return prefix + (text + "\n").encode("utf-8")
 
@@ -303,8 +319,8 @@ def _decode_frame_orjson(line: bytes) -> tuple[str, dict]:
     """Parse one line (without its LF) into ``(op, data)``; raise ``MalformedPayload``.
 
     orjson's reading where it is json's. A frame orjson refuses goes to ``_decode_frame_reference``:
-    mostly malformed ones, for the usual error, but json also takes lone surrogates, floats past
-    the double range and 1024 levels of nesting. A frame orjson may misread goes to json too.
+    mostly malformed ones (floats past the double range among them), for the usual error, but json
+    also takes lone surrogates and 1024 levels of nesting. A frame orjson may misread goes to json too.
     """
     brace = line.find(_OPEN)
     if brace > 0:
@@ -371,6 +387,10 @@ def _frame_orjson(prefix: bytes, data) -> bytes:
     try:
         out = _orjson_dumps(data, None, _ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError: a type, key or int it won't take, or deep nesting
+        out = None
+    if out is None:
+        # Outside the except clause: json's own error must not come chained to orjson's
+        # ("'NoneType' object is not callable", from the default=None it was given).
         return _frame_stdlib(prefix, data)
     # (An orjson.Fragment is written verbatim: a raw LF in it would split the frame.)
     if out.isascii() and out.find(b"\x7f") < 0 and out.find(_NL) == len(out) - 1:

@@ -20,10 +20,11 @@ Theory of operation:
    from each connection's measured cost per line (an exponentially weighted mean of its finished
    jobs), so a worker holds little that others could be waiting for, while fast RPCs still go in
    batches. A connection not measured yet is assumed slow: its first job goes alone.
-3. Jobs taken back from a worker that had not started them (``Pool.take_back``) or given back by
-   one (the rest of a long serial backlog, cut at ``SLICE_NS``) return to the front of their
-   connection's queue; a connection that had nothing else runnable joins ``new`` (it has waited
-   already), one that had keeps its turn.
+3. Jobs taken back from a worker that had not started them (``Pool.take_back``) return to the
+   front of their connection's queue, and a connection that had nothing else runnable to the
+   front of ``new``: they have waited already. The rest of a long serial backlog that a worker
+   gave back at ``SLICE_NS`` (``Pool._on_give_back``) has just had its turn: it queues like any
+   job of a busy connection, at the back of ``old``.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class Scheduler:
             # Nothing of it on a worker: a sparse flow, served first.
             (self.new if conn.running == len(conn.runnable) else self.old).append(conn)
 
-    def push_front(self, jobs: list) -> None:
+    def push_taken_back(self, jobs: list) -> None:
         """Jobs that were on a worker and come back unstarted: first in line again, in seq order."""
         for job in sorted(jobs, key=_by_seq, reverse=True):
             conn = job.conn
@@ -80,7 +81,16 @@ class Scheduler:
             self.count += 1
             if not conn.scheduled:
                 conn.scheduled = True
-                self.new.append(conn)
+                self.new.appendleft(conn)
+
+    def push_given_back(self, job) -> None:
+        """The unstarted rest of a serial job cut at a time slice: it has had its turn."""
+        conn = job.conn
+        conn.runnable.appendleft(job)  # nothing else of a serial connection can be runnable
+        self.count += 1
+        if not conn.scheduled:
+            conn.scheduled = True
+            self.old.append(conn)
 
     def take_batch(self, limit_jobs: int, max_lines: int = 0) -> list:
         """Up to ``limit_jobs`` jobs, about ``BATCH_BUDGET_NS`` of estimated work, in fair turns.
@@ -100,13 +110,14 @@ class Scheduler:
                 room = max_lines - lines
                 if room <= 0:
                     break
-                if job.count > room:
-                    job = job.split(room)  # the first ``room`` lines; the rest stays queued
-                    batch.append(job)
-                    break
             ring.popleft()
             conn.runnable.popleft()
             self.count -= 1
+            if max_lines and job.count > room:
+                # A serial backlog longer than the worker may still run: its first lines go, the
+                # rest waits in the connection's queue until they are answered (serial order).
+                rest, job = job, job.split(room)
+                conn.queue.appendleft(rest)
             batch.append(job)
             lines += job.count
             if conn.runnable:

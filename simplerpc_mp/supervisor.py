@@ -51,9 +51,12 @@ DUMP_GRACE_S = 0.2
 # 2 ms still lets batches of fast RPCs pipeline (an echo takes ~20 us); a worker on a slower
 # RPC gets its next batch when it has answered, one round trip (~0.1 ms) later.
 PREFETCH_MAX_AGE_NS = 2_000_000
-# Jobs a worker holds and has not started are taken back for a worker that could start them now
-# once the worker's current RPC has run this long (see Pool.balance).
+# Jobs a worker holds and has not started are taken back for an idle worker once the worker's
+# current RPC has run this long (see Pool.balance); with no worker idle, only once it has run
+# HUNG_AGE_NS (a hung handler with --timeout 0 must not keep them forever, and moving work from
+# one busy worker to another sooner only makes it bounce between them).
 TAKE_BACK_AGE_NS = 2_000_000
+HUNG_AGE_NS = 1_000_000_000
 # While a worker's RPC has run longer than HOLDBACK_NS, the answers it finished before that RPC
 # are taken from its journal every JOURNAL_SWEEP_S, instead of waiting for the slow one to end.
 HOLDBACK_NS = 2_000_000
@@ -94,7 +97,7 @@ class WorkerHandle:
         "worker_id", "process", "pid", "sock", "board", "journal", "reader", "wbuf", "jobs", "batches", "load",
         "booted", "accepting", "stopping", "dead", "lines_sent", "max_lines", "generation",
         "check_timer", "sweep_timer", "timed_out", "boot_error", "retire_reason", "kill_timer", "booted_at",
-        "claim_lock", "spare", "yield_flag", "last_done_ns", "overdue",
+        "claim_lock", "spare", "yield_flag", "last_done_ns", "overdue", "sessions",
     )
 
     def __init__(self, worker_id: int, process, sock: socket.socket, board, journal, generation: int, max_lines: int,
@@ -129,11 +132,7 @@ class WorkerHandle:
         self.yield_flag = 0  # what we last wrote to its board's BOARD_YIELD
         self.last_done_ns = 0  # when its last job finished (the scheduler's cost measurements)
         self.overdue: tuple | None = None  # the board as first seen past its deadline (check_deadline)
-
-    @property
-    def serving(self) -> bool:
-        """Takes jobs now."""
-        return self.accepting and self.booted and not self.spare
+        self.sessions = ipc.SessionCache()  # which connections' sessions it holds (see ipc)
 
 
 class Pool:
@@ -192,9 +191,14 @@ class Pool:
             "log_file": settings.log_file,
             "access_log": settings.access_log,
         }
+        limits = {
+            "timeout": settings.timeout,
+            "max_answer_bytes": settings.max_answer_bytes,
+            "max_session_bytes": settings.max_session_bytes,
+        }
         process = self.ctx.Process(
             target=worker_main,
-            args=(theirs, board, journal, claim_lock, self.handlers_spec, dict(settings.handler_options), settings.timeout,
+            args=(theirs, board, journal, claim_lock, self.handlers_spec, dict(settings.handler_options), limits,
                   worker_id, log_settings, os.getpid()),
             name=f"simplerpc-mp-worker-{worker_id}",
             daemon=True,  # multiprocessing's atexit then ends it too, whatever happens to us
@@ -272,10 +276,11 @@ class Pool:
     # -- dispatching -------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Hand runnable jobs to workers in batches, least-loaded worker first, in the fair order
-        of the scheduler; then take back what waits behind a long RPC (``balance``)."""
+        """Take back what waits behind a long RPC (``balance``), then hand runnable jobs to
+        workers in batches, least-loaded worker first, in the fair order of the scheduler."""
         scheduler = self.acceptor.scheduler
         now_ns = time.monotonic_ns()
+        self.balance(now_ns)
         if scheduler:
             targets = [
                 w for w in self.workers
@@ -298,44 +303,44 @@ class Pool:
                 batch = scheduler.take_batch(min(share, MAX_JOBS_PER_BATCH), room)
                 if batch:
                     self.send_batch(worker, batch, now_ns)
-        self.balance(now_ns)
+        self._set_yield_flags()
 
     def balance(self, now_ns: int) -> None:
-        """Tell each worker whether others wait (it then cuts a long job at a time slice), and
-        take back the jobs a worker has not started while its current RPC runs long, if another
-        worker could start them now. Costs a few slot reads per worker per loop pass."""
-        waiting = 1 if self.acceptor.scheduler else 0
+        """Take back the jobs a worker has not started while its current RPC runs long, for an
+        idle worker (or from a worker that looks hung). Costs a few slot reads per worker."""
+        idle = sum(1 for w in self.workers if w.accepting and w.booted and not w.spare and not w.batches)
         wake_at = 0
         for worker in self.workers:
-            if worker.dead or not worker.booted:
+            if worker.dead or not worker.booted or len(worker.jobs) < 2:
                 continue
             board = worker.board
-            held = len(worker.jobs)
-            flag = 1 if waiting or held > 1 else 0
-            if flag != worker.yield_flag:
-                board[ipc.BOARD_YIELD] = flag
-                worker.yield_flag = flag
-            if held > 1 and board[ipc.BOARD_JOB]:
-                due = board[ipc.BOARD_START_NS] + TAKE_BACK_AGE_NS
-                if now_ns < due:
-                    wake_at = due if not wake_at else min(wake_at, due)
-                elif self._could_start_now(worker, now_ns) and not self.take_back(worker):
-                    wake_at = now_ns + 1_000_000  # its claim lock was busy: try again soon
-        if wake_at and self._wake_timer is None:
+            if not board[ipc.BOARD_JOB]:
+                continue
+            started = board[ipc.BOARD_START_NS]
+            due = started + (TAKE_BACK_AGE_NS if idle else HUNG_AGE_NS)
+            if now_ns < due:
+                wake_at = due if not wake_at else min(wake_at, due)
+            elif not self.take_back(worker):
+                wake_at = now_ns + 1_000_000  # its claim lock was busy: try again soon
+            elif idle:
+                idle -= 1  # that idle worker gets what was taken back
+        if wake_at and (self._wake_timer is None or self._wake_timer.when > wake_at / 1e9):
+            if self._wake_timer is not None:
+                self._wake_timer.cancel()
             self._wake_timer = self.timers.call_at(wake_at / 1e9, self._wake)
+
+    def _set_yield_flags(self) -> None:
+        """Tell every worker whether work waits for a worker (runnable here, or sent to a worker
+        behind the RPC it runs): a worker then cuts a long serial job at a time slice."""
+        contended = 1 if self.acceptor.scheduler or any(len(w.jobs) > 1 for w in self.workers) else 0
+        for worker in self.workers:
+            if worker.yield_flag != contended and not worker.dead and worker.board is not None:
+                worker.board[ipc.BOARD_YIELD] = contended
+                worker.yield_flag = contended
 
     def _wake(self) -> None:
         """Timer: nothing to do but wake the loop, whose pass ends in ``dispatch``."""
         self._wake_timer = None
-
-    def _could_start_now(self, busy: WorkerHandle, now_ns: int) -> bool:
-        return any(
-            w is not busy and w.accepting and w.booted and not w.spare and (
-                not w.batches
-                or (len(w.batches) < MAX_BATCHES_PER_WORKER and now_ns - w.board[ipc.BOARD_START_NS] < PREFETCH_MAX_AGE_NS)
-            )
-            for w in self.workers
-        )
 
     def take_back(self, worker: WorkerHandle) -> bool:
         """Take back the jobs the worker has not started (see ipc's docstring); False if its
@@ -380,7 +385,10 @@ class Pool:
             job.sent_ns = now_ns
             job_id += 1
             lines += job.count
-            items.append((job.job_id, job.kind, job.conn.net_id, job.payload, job.conn.session))
+            session = job.conn.session
+            if session is not None or job.kind == ipc.DISCONNECT:
+                session = self._session_for(worker, job)
+            items.append((job.job_id, job.kind, job.conn.net_id, job.payload, session))
         self.next_job_id = job_id
         worker.jobs.extend(batch)
         worker.batches.append(job_id - 1)
@@ -393,6 +401,12 @@ class Pool:
             worker.check_timer = self.timers.call_later(self.min_timeout_s, self.check_deadline, worker)
         if worker.max_lines and worker.lines_sent >= worker.max_lines:
             self.recycle(worker, f"served max_requests ({worker.max_lines})")
+
+    @staticmethod
+    def _session_for(worker: WorkerHandle, job: Job):
+        """The job's session as this worker is sent it: ``HELD`` if it has the current one."""
+        conn = job.conn
+        return worker.sessions.ship(conn.net_id, job.kind, conn.session_version, conn.session)
 
     def _write(self, worker: WorkerHandle, data: bytes) -> None:
         if worker.wbuf:
@@ -516,7 +530,7 @@ class Pool:
         worker.load -= rest
         worker.lines_sent -= rest
         worker.last_done_ns = time.monotonic_ns()
-        self.acceptor.take_back([job.rest(line)])
+        self.acceptor.give_back(job.rest(line))
 
     def _on_hello(self, worker: WorkerHandle, info: dict) -> None:
         worker.booted = True

@@ -4,11 +4,18 @@ Runs in each worker process, started with the ``spawn`` method by the supervisor
 no client socket and imports the handler module afresh (which is what makes HUP a reload).
 It talks to the acceptor over one blocking socketpair (see ``ipc``), and leaves supervision to it:
 it ignores SIGINT and SIGTERM, dumps its stack on SIGUSR1 (sent before a timeout kill), and dies
-with the acceptor (PR_SET_PDEATHSIG, and EOF on its pipe).
+with the acceptor (PR_SET_PDEATHSIG, and EOF on its pipe). Once it has answered what it holds
+(STOP) it exits at once, whatever threads its handlers left running.
+
+What a handler does wrong fails its RPC, never the worker: an exception (``Unknown``, or its
+own reason, always a string), a result or session that can't be encoded (``Unknown``), an
+answer over ``max_answer_bytes`` (``AnswerTooLarge``), a session over ``max_session_bytes``
+(``SessionTooLarge``; the change is discarded). A push over ``max_answer_bytes`` is dropped.
 """
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import logging
 import os
@@ -19,8 +26,10 @@ import socket
 import time
 
 from . import ipc
-from .errors import UNKNOWN_MESSAGE, UNKNOWN_REASON, SimpleRPCException, UnknownOpcode
-from .handlers import Conn, Handlers, HandlerLoadError, load_handlers
+from .errors import (
+    UNKNOWN_MESSAGE, UNKNOWN_REASON, AnswerTooLarge, SessionTooLarge, SimpleRPCException, UnknownOpcode,
+)
+from .handlers import Conn, Handlers, HandlerLoadError, PushLimit, load_handlers
 from .logs import configure_logging
 from .protocol import decode_frame, encode_fail, encode_okay, split_lines
 from .scheduler import SLICE_NS
@@ -32,11 +41,18 @@ _SESSION_PROTOCOL = pickle.HIGHEST_PROTOCOL
 FLUSH_AFTER_NS = 2_000_000
 # 64 KiB reads: larger ones make CPython allocate (and mmap) the whole size on every call.
 RECV_BYTES = 64 * 1024
+# config.py's defaults of max_answer_bytes and max_session_bytes (the server passes its values).
+DEFAULT_MAX_ANSWER_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_SESSION_BYTES = 4 * 1024 * 1024
+_UNKNOWN_ANSWER = encode_fail(UNKNOWN_REASON, UNKNOWN_MESSAGE)
 
 
-def worker_main(sock, board, journal, claim_lock, handlers_spec, options: dict, default_timeout: float, worker_id: int,
+def worker_main(sock, board, journal, claim_lock, handlers_spec, options: dict, limits: dict, worker_id: int,
                 log_settings: dict, parent_pid: int) -> None:
-    """Entry point of a worker process (called in the child)."""
+    """Entry point of a worker process (called in the child).
+
+    ``limits``: the settings ``timeout``, ``max_answer_bytes`` and ``max_session_bytes``.
+    """
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the acceptor decides when workers stop
@@ -57,7 +73,25 @@ def worker_main(sock, board, journal, claim_lock, handlers_spec, options: dict, 
     sock.sendall(ipc.frame_record(ipc.pack((ipc.HELLO, os.getpid(), handlers.describe()))))
     board = ipc.board_view(board)
     journal_writer = ipc.Journal(journal, board)
-    Worker(sock, board, journal_writer, handlers, default_timeout, log_settings.get("access_log", False), claim_lock).run()
+    Worker(
+        sock, board, journal_writer, handlers, limits["timeout"], log_settings.get("access_log", False), claim_lock,
+        max_answer_bytes=limits["max_answer_bytes"], max_session_bytes=limits["max_session_bytes"],
+    ).run()
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """Exit without waiting for the threads handlers started: a non-daemon one would hold the
+    process in interpreter shutdown until the supervisor killed it (and counted a crash). What
+    the worker held is answered by now; the logs and atexit functions still get their turn."""
+    atexit._run_exitfuncs()  # the handler module's own clean-up, as a normal exit would run it
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or its reader has gone: nothing to save
+            pass
+    os._exit(code)
 
 
 def _boot_failed(sock: socket.socket, message: str) -> None:
@@ -95,7 +129,8 @@ class Worker:
     """Runs batches of jobs; one instance per worker process."""
 
     def __init__(self, sock: socket.socket, board, journal: ipc.Journal, handlers: Handlers,
-                 default_timeout: float, access_log: bool, claim_lock=None):
+                 default_timeout: float, access_log: bool, claim_lock=None, *,
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES, max_session_bytes: int = DEFAULT_MAX_SESSION_BYTES):
         self.sock = sock
         self.claim_lock = claim_lock  # see ipc's docstring: taking jobs back
         self.board = board  # an ipc.board_view
@@ -110,6 +145,15 @@ class Worker:
         # pushes, session]; consecutive lines of a job share one reply (see ipc's docstring).
         self.replies: list[list] = []
         self.last_send_ns = 0
+        self.max_answer_bytes = max_answer_bytes
+        self.max_session_bytes = max_session_bytes
+        self.push_limit = PushLimit(max_answer_bytes)  # .dropped counts the pushes dropped
+        self.held = ipc.SessionCache()  # the sessions the acceptor may send as HELD (see ipc)
+        # The FAIL of an RPC whose session change session_change refused, for finished() to send
+        # in place of its answer; and what ran last, for that refusal's log line.
+        self.session_refusal: bytes | None = None
+        self.last_op = ""
+        self.last_net_id = 0
 
     def run(self) -> None:
         try:
@@ -131,7 +175,7 @@ class Worker:
                 if message[0] == ipc.STOP:
                     self.send_replies()
                     return
-                self.run_batch(message[1])
+                self.run_batch(self.take_sessions(message[1]))
             self.send_replies()
 
     def send_replies(self) -> None:
@@ -150,6 +194,10 @@ class Worker:
         passed since the last send, so a slow RPC holds back other jobs' answers by at most
         that; a worker that dies loses nothing, because the acceptor reads the journal.
         """
+        if self.session_refusal is not None:
+            if count:
+                answer = self.session_refusal  # the RPC's own answer, OKAY or not, is superseded
+            self.session_refusal = None
         oversized = False
         if not self.journal.append(job_id, line, count, answer, pushes, session):
             self.send_replies()  # the journal is full: the pipe takes what it held
@@ -179,6 +227,15 @@ class Worker:
         finally:
             lock.release()
 
+    def take_sessions(self, jobs: list) -> list:
+        """Replace each job's session field by the pickled session it stands for (``HELD``
+        included), in order, for every job received: see ipc's docstring."""
+        held = self.held
+        for index, job in enumerate(jobs):
+            if job[4] is not None or job[1] == ipc.DISCONNECT:
+                jobs[index] = job[:4] + (held.take(job[2], job[1], job[4]),)
+        return jobs
+
     def run_batch(self, jobs: list) -> None:
         board = self.board
         clock = time.monotonic_ns
@@ -197,10 +254,10 @@ class Worker:
             session = pickle.loads(session_blob) if session_blob else {}
             pushes: list = []
             if kind == ipc.CONNECT or kind == ipc.DISCONNECT:
-                self.run_hook(kind, Conn(net_id, session, pushes))
+                self.run_hook(kind, Conn(net_id, session, pushes, push_limit=self.push_limit))
                 self.finished(job_id, 0, 0, b"", pushes, self.session_change(kind, session, session_blob))
                 continue
-            conn = Conn(net_id, session, pushes, read_only=kind == ipc.CONCURRENT)
+            conn = Conn(net_id, session, pushes, read_only=kind == ipc.CONCURRENT, push_limit=self.push_limit)
             tracks_session = kind != ipc.CONCURRENT
             for index, line in enumerate(split_lines(payload)):
                 if index:
@@ -228,13 +285,44 @@ class Worker:
                 self.finished(job_id, index, 1, answer, pushes, change)
         board[ipc.BOARD_JOB] = 0
 
-    @staticmethod
-    def session_change(kind: int, session: dict, old_blob):
-        """The new pickled session if a serial job changed it, else ``UNCHANGED``."""
+    def session_change(self, kind: int, session: dict, old_blob):
+        """The new pickled session if a serial job changed it, else ``UNCHANGED``.
+
+        A change that can't be pickled, or pickles past ``max_session_bytes``, is discarded:
+        ``session`` is put back as it was, and the RPC's answer becomes a FAIL (``finished``
+        sends ``session_refusal`` instead).
+        """
         if kind == ipc.CONCURRENT or (not session and not old_blob):
             return ipc.UNCHANGED
-        new_blob = pickle.dumps(session, _SESSION_PROTOCOL) if session else None
+        if not session:
+            return None
+        try:
+            new_blob = pickle.dumps(session, _SESSION_PROTOCOL)
+        except Exception:  # the values' own pickling code (a lock, a socket, a __reduce__): the handler's bug
+            log.exception(
+                "op %r left a conn.session that cannot be pickled; the change is discarded (net_id %s, pid %s)",
+                self.last_op, self.last_net_id, self.pid,
+            )
+            return self._refuse_session(session, old_blob, _UNKNOWN_ANSWER)
+        if len(new_blob) > self.max_session_bytes:
+            log.warning(
+                "op %r left a conn.session of %d bytes pickled, over max_session_bytes (%d); the change is "
+                "discarded (net_id %s, pid %s)",
+                self.last_op, len(new_blob), self.max_session_bytes, self.last_net_id, self.pid,
+            )
+            return self._refuse_session(session, old_blob, encode_fail(
+                SessionTooLarge.__name__,
+                f"conn.session would be {len(new_blob)} bytes pickled, over max_session_bytes "
+                f"({self.max_session_bytes}); the change was discarded",
+            ))
         return ipc.UNCHANGED if new_blob == old_blob else new_blob
+
+    def _refuse_session(self, session: dict, old_blob, answer: bytes):
+        session.clear()  # in place: the job's next lines see the session as it was
+        if old_blob:
+            session.update(pickle.loads(old_blob))
+        self.session_refusal = answer
+        return ipc.UNCHANGED
 
     def run_line(self, conn: Conn, line: bytes) -> bytes:
         """Run one RPC and return its encoded answer; never raises."""
@@ -259,16 +347,32 @@ class Worker:
             if type(result) is not dict and not isinstance(result, dict):
                 result = {"result": result}
         except SimpleRPCException as exc:
-            answer = encode_fail(exc.reason, str(exc))
+            answer = self.fail_answer(exc, op, conn)
         except Exception:  # the handler boundary: any other error is the handler's bug
             log.exception("handler for op %r failed (net_id %s, pid %s)", op, conn.net_id, self.pid)
-            answer = encode_fail(UNKNOWN_REASON, UNKNOWN_MESSAGE)
+            answer = _UNKNOWN_ANSWER
         else:
             try:
                 answer = encode_okay(result)
             except (TypeError, ValueError, RecursionError) as exc:  # not JSON: an object, NaN, a cycle, too deep
                 log.error("handler for op %r returned data JSON cannot encode (net_id %s, pid %s): %s", op, conn.net_id, self.pid, exc)
-                answer = encode_fail(UNKNOWN_REASON, UNKNOWN_MESSAGE)
+                answer = _UNKNOWN_ANSWER
+            except Exception:  # the result's own code raised while encoded (a dict subclass's items())
+                log.exception("handler for op %r returned data that failed to encode (net_id %s, pid %s)", op, conn.net_id, self.pid)
+                answer = _UNKNOWN_ANSWER
+        if len(answer) > self.max_answer_bytes:
+            # Decided here, not by the acceptor's output limits: those close a connection, and
+            # are for clients that don't read, not for one answer too large to send.
+            log.warning(
+                "answer to op %r is %d bytes, over max_answer_bytes (%d); sending AnswerTooLarge (net_id %s, pid %s)",
+                op, len(answer), self.max_answer_bytes, conn.net_id, self.pid,
+            )
+            answer = encode_fail(
+                AnswerTooLarge.__name__,
+                f"the answer is {len(answer)} bytes, over max_answer_bytes ({self.max_answer_bytes})",
+            )
+        self.last_op = op
+        self.last_net_id = conn.net_id
         if own_timeout:
             self.board[ipc.BOARD_TIMEOUT_MS] = self.default_timeout_ms
         if self.access_log:
@@ -279,7 +383,28 @@ class Worker:
             )
         return answer
 
+    def fail_answer(self, exc: SimpleRPCException, op: str, conn: Conn) -> bytes:
+        """The FAIL for a ``SimpleRPCException``; its reason is always a string on the wire."""
+        try:
+            reason = exc.reason
+            message = str(exc)
+        except Exception:  # a subclass's own reason or __str__ raised: the handler's bug
+            log.exception(
+                "handler for op %r raised %s, whose reason or message failed (net_id %s, pid %s)",
+                op, type(exc).__name__, conn.net_id, self.pid,
+            )
+            return _UNKNOWN_ANSWER
+        if not isinstance(reason, str):
+            log.error(
+                "handler for op %r raised %s with a reason of type %s, not str; sent as the class name (net_id %s, pid %s)",
+                op, type(exc).__name__, type(reason).__name__, conn.net_id, self.pid,
+            )
+            reason = type(exc).__name__
+        return encode_fail(reason, message)
+
     def run_hook(self, kind: int, conn: Conn) -> None:
+        self.last_op = "<on_connect>" if kind == ipc.CONNECT else "<on_disconnect>"
+        self.last_net_id = conn.net_id
         try:
             if kind == ipc.CONNECT:
                 self.handlers.connect_fn(conn)
