@@ -48,6 +48,7 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 # One recv per readiness event. 64 KiB: CPython allocates the full size on every recv, and from
 # 128 KiB up glibc serves that with mmap, which made each call several times dearer (bench/).
 RECV_BYTES = 64 * 1024
+SMALL_RECV_BYTES = 4096  # a read past max_total_request_bytes (see on_read)
 # Errors that mean "out of descriptors or kernel memory" on accept(): pause, don't spin.
 _ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_PAUSE_S = 0.5
@@ -300,8 +301,13 @@ class Acceptor:
     def on_read(self, conn: Connection) -> None:
         if conn.state != OPEN:
             return
+        size = RECV_BYTES
+        if self.request_bytes > self.max_total_request:
+            # Past the budget a connection reads up to its equal share (one that holds little, a
+            # little more), so thousands of connections can't each put a full read on top of it.
+            size = min(RECV_BYTES, max(self.max_total_request // self.holders - conn.request_bytes, SMALL_RECV_BYTES))
         try:
-            data = conn.sock.recv(RECV_BYTES)
+            data = conn.sock.recv(size)
         except BlockingIOError:
             return
         except OSError as exc:
