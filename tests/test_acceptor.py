@@ -1,11 +1,11 @@
 """The acceptor's decisions that need no server: which chunks hold a concurrent op, what the
-budgets count."""
+budgets count, how big a job grows."""
 
 import random
 import selectors
 import socket
 
-from simplerpc_mp.acceptor import Acceptor
+from simplerpc_mp.acceptor import RECV_BYTES, Acceptor
 from simplerpc_mp.config import Settings
 from simplerpc_mp.handlers import BROADCAST
 from simplerpc_mp.timers import Timers
@@ -93,3 +93,24 @@ def test_output_bytes_count_the_write_buffer_and_answers_waiting_for_their_turn(
             acceptor.close(other, "test")
             assert acceptor.output_bytes == 0
 
+
+def test_a_serial_backlog_is_cut_into_jobs_of_about_max_job_bytes():
+    """16 pipelined RPCs of 300 KiB: not one job of 4.5 MiB, copied again at each time slice."""
+    with selectors.DefaultSelector() as selector:
+        acceptor = Acceptor(Settings(), selector, Timers())
+        client, conn = _accepted(acceptor)
+        with client:
+            line = b'a{"p":"' + b"x" * (300 * 1024) + b'"}\n'
+            client.setblocking(False)
+            view = memoryview(line * 16)
+            while view or acceptor.request_bytes < 16 * len(line):
+                if view:
+                    try:
+                        view = view[client.send(view) :]
+                    except BlockingIOError:
+                        pass
+                acceptor.on_read(conn)
+            jobs = list(conn.runnable) + list(conn.queue)
+            assert sum(job.count for job in jobs) == 16
+            # A job grows while under the cap (1 MiB), by at most what one read completes.
+            assert max(len(job.payload) for job in jobs) < 1024 * 1024 + len(line) + RECV_BYTES
