@@ -20,7 +20,7 @@ Theory of operation:
    ``maxmemory-clients`` and NATS's pending limits do). Request bytes (job payloads from arrival
    until the job is done, plus partial lines) past ``max_total_request_bytes``: connections holding
    more than an equal share are not read until the total drains under 3/4 of it, or they hold
-   nothing; a connection holding little is read throughout. Output (``wbuf`` plus answers waiting
+   nothing; a connection holding little is read throughout (a read then takes at most its share). Output (``wbuf`` plus answers waiting
    for their turn) past ``max_total_output_bytes``: the connections holding the most are closed,
    largest first, until it is under. Both totals are kept up to date per read and write, not scanned.
 """
