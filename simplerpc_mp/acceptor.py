@@ -16,6 +16,13 @@ Theory of operation:
    ``Scheduler`` (``scheduler.py``), which hands them to workers in fair turns across connections.
 4. Every accepted RPC gets exactly one answer: from a worker, or from here (``FrameTooLarge``),
    or from the supervisor (``WorkerCrashed``, ``Timeout``, ``ShuttingDown``).
+5. Two budgets bound what all connections together make the acceptor hold (as Redis's
+   ``maxmemory-clients`` and NATS's pending limits do). Request bytes (job payloads from arrival
+   until the job is done, plus partial lines) past ``max_total_request_bytes``: connections holding
+   more than an equal share are not read until the total drains under 3/4 of it, or they hold
+   nothing; a connection holding little is read throughout (a read then takes at most its share). Output (``wbuf`` plus answers waiting
+   for their turn) past ``max_total_output_bytes``: the connections holding the most are closed,
+   largest first, until it is under. Both totals are kept up to date per read and write, not scanned.
 """
 
 from __future__ import annotations
@@ -41,9 +48,16 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 # One recv per readiness event. 64 KiB: CPython allocates the full size on every recv, and from
 # 128 KiB up glibc serves that with mmap, which made each call several times dearer (bench/).
 RECV_BYTES = 64 * 1024
+SMALL_RECV_BYTES = 4096  # a read past max_total_request_bytes (see on_read)
 # Errors that mean "out of descriptors or kernel memory" on accept(): pause, don't spin.
 _ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_PAUSE_S = 0.5
+# A serial backlog grows one job up to this size, then starts the next. Each growth copies the
+# job, each time slice a worker gives back copies its rest and sends it to a worker again: a
+# backlog of 1 MiB RPCs merged into one 50 MiB job kept the acceptor busy copying (4 such
+# clients: 10 s of CPU in 15 s, 80 RPCs answered; with the cap 2.4 s and all 512). 1 MiB still
+# holds thousands of small RPCs, enough for batching.
+MAX_JOB_BYTES = 1024 * 1024
 
 OPEN, EOF, CLOSED = range(3)
 _SCAN_WHOLE_CHUNK_BYTES = 4096  # see Acceptor._has_concurrent
@@ -108,7 +122,7 @@ class Connection:
         "net_id", "sock", "peer", "decoder", "queue", "running", "serial_running",
         "next_seq", "write_seq", "done", "session", "wbuf", "state", "events",
         "last_active", "soft_since", "disconnect_queued", "runnable", "scheduled", "ns_per_line",
-        "session_version",
+        "session_version", "request_bytes", "done_bytes", "paused",
     )
 
     def __init__(self, net_id: int, sock: socket.socket, peer, max_frame_bytes: int, now: float):
@@ -133,6 +147,9 @@ class Connection:
         self.last_active = now
         self.soft_since = 0.0  # when wbuf went over output_soft_limit, 0 when under
         self.disconnect_queued = False
+        self.request_bytes = 0  # payloads of its jobs not done yet, plus the decoder's partial line
+        self.done_bytes = 0  # answers in ``done``
+        self.paused = False  # not read: it held the most when max_total_request_bytes was passed
 
     @property
     def unanswered(self) -> int:
@@ -161,6 +178,10 @@ class Acceptor:
         self.has_disconnect = False
         self.pushes_dropped = 0
         self.log_limit = RateLimitedLog()  # for events a client can repeat at will
+        self.request_bytes = 0  # sum of conn.request_bytes
+        self.holders = 0  # connections with request_bytes > 0, for the equal share of the budget
+        self.output_bytes = 0  # sum of len(conn.wbuf) + conn.done_bytes
+        self.paused: set[Connection] = set()
         self.apply_settings(settings)
 
     def apply_settings(self, settings) -> None:
@@ -170,6 +191,9 @@ class Acceptor:
         self.max_inflight = settings.max_inflight
         self.hard_limit = settings.output_hard_limit
         self.soft_limit = settings.output_soft_limit
+        self.max_total_request = settings.max_total_request_bytes
+        self.request_resume_at = settings.max_total_request_bytes * 3 // 4
+        self.max_total_output = settings.max_total_output_bytes
         if self.accepting and settings.idle_timeout > 0 and not had_idle:
             self._schedule_idle_sweep()
 
@@ -281,8 +305,13 @@ class Acceptor:
     def on_read(self, conn: Connection) -> None:
         if conn.state != OPEN:
             return
+        size = RECV_BYTES
+        if self.request_bytes > self.max_total_request:
+            # Past the budget a connection reads up to its equal share (one that holds little, a
+            # little more), so thousands of connections can't each put a full read on top of it.
+            size = min(RECV_BYTES, max(self.max_total_request // self.holders - conn.request_bytes, SMALL_RECV_BYTES))
         try:
-            data = conn.sock.recv(RECV_BYTES)
+            data = conn.sock.recv(size)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -292,6 +321,7 @@ class Acceptor:
             self.on_eof(conn)
             return
         conn.last_active = self.now
+        partial = conn.decoder.buffered
         for chunk in conn.decoder.feed(data):
             if chunk is None:
                 self.log_limit.log(
@@ -305,21 +335,37 @@ class Acceptor:
                 self._enqueue_mixed(conn, chunk)
             else:
                 self._enqueue(conn, ipc.SERIAL, chunk, chunk.count(b"\n"))
+        partial = conn.decoder.buffered - partial
+        if partial > 0:
+            self._hold(conn, partial)
+        elif partial < 0:
+            self._release(conn, -partial)
         self.advance(conn)
-        if conn.state == OPEN and conn.unanswered >= self.max_inflight:
+        if conn.state != OPEN:
+            return
+        # More than an equal share of the budget: checked per read, so every connection that
+        # grows past its share is stopped at once, and one that holds little is never stopped.
+        if self.request_bytes > self.max_total_request and conn.request_bytes * self.holders > self.max_total_request:
+            self._pause(conn)
+        elif conn.unanswered >= self.max_inflight:
             self._set_events(conn, conn.events & ~READ)  # TCP back-pressure until answers drain
 
     def _enqueue(self, conn: Connection, kind: int, payload: bytes, count: int) -> None:
         queue = conn.queue
         tail = queue[-1] if queue else None
         # A waiting serial job grows, so a backlog goes to a worker in one piece; only when the
-        # new lines follow it directly (a FrameTooLarge answered here takes a seq in between).
-        if kind == ipc.SERIAL and tail is not None and tail.kind == ipc.SERIAL and tail.first + tail.count == conn.next_seq:
+        # new lines follow it directly (a FrameTooLarge answered here takes a seq in between),
+        # and up to MAX_JOB_BYTES.
+        if (
+            kind == ipc.SERIAL and tail is not None and tail.kind == ipc.SERIAL
+            and tail.first + tail.count == conn.next_seq and len(tail.payload) < MAX_JOB_BYTES
+        ):
             tail.payload += payload
             tail.count += count
         else:
             queue.append(Job(conn, kind, conn.next_seq, count, payload))
         conn.next_seq += count
+        self._hold(conn, len(payload))
 
     def _has_concurrent(self, chunk: bytes) -> bool:
         """Does a line of the chunk call a concurrent op?
@@ -362,6 +408,53 @@ class Acceptor:
         self._set_events(conn, conn.events & ~READ)
         self._close_if_finished(conn)
 
+    # -- the request budget (max_total_request_bytes) ------------------------------------------
+
+    def _hold(self, conn: Connection, size: int) -> None:
+        if size:
+            if not conn.request_bytes:
+                self.holders += 1
+            conn.request_bytes += size
+            self.request_bytes += size
+
+    def _release(self, conn: Connection, size: int) -> None:
+        if not size:
+            return
+        conn.request_bytes -= size
+        self.request_bytes -= size
+        if not conn.request_bytes:
+            self.holders -= 1
+        if self.paused:
+            if self.request_bytes < self.request_resume_at:
+                self._resume_all()
+            elif conn.paused and not conn.request_bytes:
+                # It holds nothing now, so it is the lightest: read it, whatever the others hold.
+                self._resume(conn)
+
+    def _pause(self, conn: Connection) -> None:
+        if not self.paused:  # (under a steady flood, many times a second)
+            self.log_limit.log(
+                log, "max_total_request_bytes", logging.INFO,
+                "requests held by all connections passed max_total_request_bytes (%d > %d bytes): "
+                "not reading those holding the most until under %d",
+                self.request_bytes, self.max_total_request, self.request_resume_at,
+            )
+        log.debug("net_id %s not read: holds %d request bytes", conn.net_id, conn.request_bytes)
+        conn.paused = True
+        self.paused.add(conn)
+        self._set_events(conn, conn.events & ~READ)
+
+    def _resume(self, conn: Connection) -> None:
+        conn.paused = False
+        self.paused.discard(conn)
+        if conn.state == OPEN and not conn.events & READ and self.reading and conn.unanswered < self.max_inflight:
+            self._set_events(conn, conn.events | READ)
+
+    def _resume_all(self) -> None:
+        log.debug("requests held by all connections under %d bytes: reading every connection again", self.request_resume_at)
+        for conn in list(self.paused):
+            self._resume(conn)
+
     # -- the order RPCs run in -----------------------------------------------------------------
 
     def advance(self, conn: Connection) -> None:
@@ -388,6 +481,7 @@ class Acceptor:
     def job_done(self, job: Job) -> None:
         """A job's last answer has arrived (or been given for it)."""
         conn = job.conn
+        self._release(conn, len(job.payload))
         conn.running -= 1
         if job.kind != ipc.CONCURRENT:
             conn.serial_running -= 1
@@ -400,6 +494,7 @@ class Acceptor:
         conn = job.conn
         if from_line < job.count:
             rest = job.rest(from_line)
+            self._hold(conn, len(rest.payload))  # job_done() releases the whole of ``job`` next
             index = 0
             while index < len(conn.queue) and conn.queue[index].first < rest.first:
                 index += 1
@@ -414,9 +509,11 @@ class Acceptor:
         """
         self.scheduler.push_taken_back(jobs)
 
-    def give_back(self, rest: Job) -> None:
-        """The rest of a serial job that a worker cut at a time slice: in line again, after the
-        other connections' turns (the connection's running counts already hold it)."""
+    def give_back(self, job: Job, line: int) -> None:
+        """A worker cut ``job`` at a time slice: its lines from ``line`` on take its place, in line
+        again after the other connections' turns (the connection's running counts hold it)."""
+        rest = job.rest(line)
+        self._release(job.conn, len(job.payload) - len(rest.payload))  # the lines that ran are done
         self.scheduler.push_given_back(rest)
 
     # -- answers and pushes ----------------------------------------------------------------
@@ -439,8 +536,10 @@ class Acceptor:
         """Answers for seqs ``seq .. seq+count-1``: write them now, or keep them for their turn."""
         if conn.state == CLOSED:
             return
+        self.output_bytes += len(answers)
         if seq != conn.write_seq:
             conn.done[seq] = (answers, count)
+            conn.done_bytes += len(answers)
             return
         wbuf = conn.wbuf
         if not wbuf or conn.events & WRITE:
@@ -450,15 +549,19 @@ class Acceptor:
         done = conn.done
         while done and seq in done:
             answers, count = done.pop(seq)
+            conn.done_bytes -= len(answers)
             wbuf += answers
             seq += count
         conn.write_seq = seq
         conn.last_active = self.now  # idle time counts from our answer, not from the request
-        if conn.state == OPEN and not conn.events & READ and self.reading and conn.unanswered < self.max_inflight:
+        if conn.state == OPEN and not conn.events & READ and self.reading and conn.unanswered < self.max_inflight and not conn.paused:
             self._set_events(conn, conn.events | READ)
 
     def push(self, target: int, frame: bytes) -> None:
         if target == BROADCAST:
+            if self.output_bytes + len(frame) * len(self.conns) > self.max_total_output:
+                self._broadcast_within_budget(frame)
+                return
             for conn in self.conns.values():
                 self._append_push(conn, frame)
             return
@@ -473,6 +576,25 @@ class Acceptor:
         if not conn.wbuf or conn.events & WRITE:
             self.dirty.append(conn)
         conn.wbuf += frame
+        self.output_bytes += len(frame)
+
+    def _broadcast_within_budget(self, frame: bytes) -> None:
+        """A broadcast that could pass max_total_output_bytes. A connection that takes its copy
+        is sent it at once, so readers hold nothing; once the total passes the budget, the
+        largest outputs are closed, with room left for the copies still to go to blocked
+        connections, so the connections that come last are not closed merely for coming last."""
+        targets = list(self.conns.values())
+        blocked = [bool(conn.events & WRITE) for conn in targets]
+        to_come = sum(blocked)
+        for conn, was_blocked in zip(targets, blocked):
+            to_come -= was_blocked
+            if conn.state == CLOSED:  # closed for the budget a moment ago
+                continue
+            self._append_push(conn, frame)
+            if not conn.events & WRITE:
+                self._send(conn)
+            if self.output_bytes > self.max_total_output:
+                self._shed_output(max(self.max_total_output - to_come * len(frame), 0))
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -486,6 +608,8 @@ class Acceptor:
                 self._send(conn)
             if conn.state != CLOSED and conn.wbuf:
                 self._check_output_limits(conn)
+        if self.output_bytes > self.max_total_output:
+            self._shed_output(self.max_total_output)
 
     def on_write(self, conn: Connection) -> None:
         if conn.state == CLOSED:
@@ -501,6 +625,7 @@ class Acceptor:
         except OSError as exc:
             self.close(conn, f"write failed: {exc.strerror or exc}", kind="write failed")
             return
+        self.output_bytes -= sent
         if sent == len(wbuf):
             wbuf.clear()
             conn.soft_since = 0.0
@@ -526,6 +651,22 @@ class Acceptor:
                 self.timers.call_later(self.settings.output_soft_seconds, self._check_soft_limit, conn, self.now)
         else:
             conn.soft_since = 0.0
+
+    def _shed_output(self, limit: int) -> None:
+        """Close the connections holding the most output, largest first, until all together hold
+        at most ``limit`` bytes (a sort per call: it runs only past max_total_output_bytes)."""
+        for conn in sorted(self.conns.values(), key=_output_size, reverse=True):
+            if self.output_bytes <= limit:
+                return
+            if conn.state == CLOSED:
+                continue
+            self.close(
+                conn,
+                f"unsent output of all connections over max_total_output_bytes ({self.output_bytes} > "
+                f"{self.max_total_output} bytes); this one held the most ({_output_size(conn)} bytes)",
+                logging.WARNING,
+                kind="max_total_output_bytes",
+            )
 
     def _check_soft_limit(self, conn: Connection, since: float) -> None:
         if conn.state != CLOSED and conn.soft_since == since and len(conn.wbuf) > self.soft_limit:
@@ -561,8 +702,16 @@ class Acceptor:
         except (KeyError, ValueError):
             pass
         conn.sock.close()
+        self.output_bytes -= len(conn.wbuf) + conn.done_bytes
         conn.wbuf = bytearray()
         conn.done.clear()
+        conn.done_bytes = 0
+        if conn.paused:
+            conn.paused = False
+            self.paused.discard(conn)
+        # Its partial line will never be completed; what its jobs hold is released as they finish.
+        self._release(conn, conn.decoder.buffered)
+        conn.decoder = FrameDecoder(conn.decoder.max_frame_bytes)
         self.advance(conn)
 
     def _set_events(self, conn: Connection, events: int) -> None:
@@ -633,6 +782,10 @@ def nth_line_end(lines: bytes, n: int) -> int:
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _output_size(conn: Connection) -> int:
+    return len(conn.wbuf) + conn.done_bytes
 
 
 def _frame_too_large(limit: int) -> bytes:

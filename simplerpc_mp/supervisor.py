@@ -530,7 +530,7 @@ class Pool:
         worker.load -= rest
         worker.lines_sent -= rest
         worker.last_done_ns = time.monotonic_ns()
-        self.acceptor.give_back(job.rest(line))
+        self.acceptor.give_back(job, line)
 
     def _on_hello(self, worker: WorkerHandle, info: dict) -> None:
         worker.booted = True

@@ -2,7 +2,8 @@
 a second, well-behaved client that is served all along.
 
 max_frame_bytes, max_inflight, output_hard_limit / output_soft_limit / output_soft_seconds,
-max_connections, idle_timeout, and running out of file descriptors (EMFILE).
+max_connections, idle_timeout, and running out of file descriptors (EMFILE); and the budgets of
+all connections together (issue 12): max_total_request_bytes, max_total_output_bytes.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import resource
+import selectors
 import subprocess
 import sys
 import tempfile
@@ -21,7 +23,7 @@ import pytest
 from simplerpc_mp.protocol import encode_frame
 
 from .conftest import REPO, RunningServer, wait_until
-from .test_hostile import Raw, Vitals, parse, reasons
+from .test_hostile import ANSWER_TIMEOUT_S, Raw, Vitals, parse, reasons
 
 MiB = 1024 * 1024
 BASIC = ("--handlers", "tests.handlers.basic")
@@ -388,3 +390,131 @@ def test_emfile_is_logged_once(fd_limited_server):
     finally:
         for raw in accepted + waiting:
             raw.close()
+
+
+# -- max_total_request_bytes / max_total_output_bytes (issue 12) ------------------------------
+
+
+def _pump_all(raws: list, sends: dict, until, timeout: float = ANSWER_TIMEOUT_S, each=None) -> None:
+    """Send each raw connection's bytes in ``sends`` as its socket takes them and read what
+    comes back on all of them, until ``until()``; ``each()`` runs once per round (sampling)."""
+    views = {raw: memoryview(data) for raw, data in sends.items()}
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        for raw in raws:
+            selector.register(raw.sock, selectors.EVENT_READ, raw)
+        while True:
+            for raw, view in views.items():
+                if view:
+                    try:
+                        views[raw] = view[raw.sock.send(view) :]
+                    except BlockingIOError:
+                        pass
+            if each is not None:
+                each()
+            if until():
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                unsent = {id(raw): len(view) for raw, view in views.items() if view}
+                raise AssertionError(f"timed out; unsent bytes: {unsent}")
+            for raw in raws:
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if views.get(raw) else 0)
+                selector.modify(raw.sock, events, raw)
+            for key, mask in selector.select(min(remaining, 0.2)):
+                if mask & selectors.EVENT_READ:
+                    key.data.drain()
+
+
+def test_request_budget_stops_reading_the_heaviest_and_a_light_client_is_served(start_server):
+    """Four clients pipeline 40 slow RPCs of 256 KiB each (40 MiB in all) at a server whose
+    request budget is 4 MiB. It reads them only as the budget drains: its RSS stays near the
+    budget, not 40 MiB. A light client's echo is read and answered while they wait, and every
+    heavy RPC is answered, in order."""
+    budget = 4 * MiB
+    server = start_server(*BASIC, "--max-total-request-bytes", str(budget))
+    vitals = Vitals(server)
+    count, pad = 40, "x" * (256 * 1024)
+    heavy = [Raw(server) for _ in range(4)]
+    try:
+        for raw in heavy:
+            net_id_of(raw)
+        sends = {raw: b"".join(encode_frame("slow", {"s": 0.01, "i": i, "pad": pad}) for i in range(count)) for raw in heavy}
+        over = re.compile(r"requests held by all connections passed max_total_request_bytes \(\d+ > 4194304 bytes\)")
+        with server.client() as light:
+            served_while_waiting = []
+
+            def light_is_served():
+                # Once past the budget (the heavy clients are stopped), the light client is read.
+                if over.search(server.log()) and not served_while_waiting:
+                    assert light.call("echo", {"light": 1}, timeout=10) == {"light": 1}
+                    served_while_waiting.append(sum(len(raw.answers) for raw in heavy))
+                return bool(served_while_waiting)
+
+            def finished():
+                return light_is_served() and all(len(raw.answers) >= count for raw in heavy)
+
+            _pump_all(heavy, sends, finished, timeout=60, each=vitals.sample_rss)
+            assert served_while_waiting[0] < 4 * count, "every heavy RPC was answered before the light one"
+            for raw in heavy:
+                assert [parse(a)[1]["i"] for a in raw.answers] == list(range(count))
+            assert light.call("echo", {"after": 1}) == {"after": 1}
+    finally:
+        for raw in heavy:
+            raw.close()
+    # The budget, copies of the jobs on their way to the workers, and read buffers (about 12 MiB
+    # measured); reading all 40 MiB at once took it past 80 MiB.
+    vitals.assert_unharmed(bound=24 * MiB)
+
+
+def test_output_budget_closes_the_largest_outputs_first(start_server):
+    """Four clients that never read hold about 1, 2, 3 and 4 MiB of pushes (past what the kernel
+    takes); then ten 256 KiB broadcasts go out under a 12 MiB output budget. The sinks are closed
+    largest first, logged with the reason, and only as many as it takes: the smallest is served
+    to the end. A client that reads gets every push and stays connected."""
+    budget = 12 * MiB
+    server = start_server(*BASIC, "--max-total-output-bytes", str(budget))
+    sinks = [Raw(server, rcvbuf=4096) for _ in range(4)]
+    try:
+        sink_ids = [net_id_of(sink) for sink in sinks]  # ... and from now on they read nothing
+        note = "n" * 64 * 1024
+        with server.client() as pusher, server.client() as reader:
+            seen = []
+            reader.on("note", lambda data: seen.append(1))
+            pusher.on("note", lambda data: None)
+            reader_id = reader.call("whoami", {})["net_id"]
+            # 3 MiB more each, for what the kernel takes (Linux loopback: up to about 2.7 MiB).
+            preload = [48 + size * 16 for size in range(1, 5)]
+            for sink_id, notes in zip(sink_ids, preload):
+                for _ in range(notes):
+                    pusher.call("push_to", {"to": sink_id, "msg": note})
+            assert "max_total_output_bytes" not in server.log()
+            broadcasts = 10
+            for _ in range(broadcasts):
+                pusher.call("push_all", {"msg": "b" * 256 * 1024}, timeout=10)
+            # (Closes for one reason are logged once a second: the first one is.)
+            closed = rf"net_id (\d+) closed: unsent output of all connections over max_total_output_bytes \(\d+ > {budget} bytes\); this one held the most \(\d+ bytes\)"
+            first = int(re.search(closed, server.wait_log(closed)).group(1))
+            assert first == sink_ids[-1], f"net_id {first} closed first; the sinks by size: {sink_ids}"
+            wait_until(lambda: reader.poll(0.05) or len(seen) >= broadcasts, timeout=10, what="all broadcasts")
+            assert len(seen) == broadcasts
+            assert reader.call("whoami", {}) == {"net_id": reader_id}
+            assert pusher.call("echo", {"ok": 1}) == {"ok": 1}
+            assert f"net_id {reader_id} closed" not in server.log()
+        # Each sink now reads: a closed one gets what the kernel held, then EOF; an open one gets
+        # every push sent to it.
+        was_closed = []
+        for sink, notes in zip(sinks, preload):
+            def got_all(sink=sink, notes=notes):
+                return sink.eof or len([p for p in sink.pushes if p.startswith(b"note")]) == notes + broadcasts
+
+            sink.pump(got_all)
+            was_closed.append(sink.eof)
+        assert was_closed[0] is False and was_closed[-1] is True, was_closed
+        assert was_closed == sorted(was_closed), f"closed: {was_closed} (sinks from the smallest)"
+        for sink, closed_here in zip(sinks, was_closed):
+            if not closed_here:
+                assert sink.exchange(b'echo{"last":1}\n', 1) == [b'OKAY{"last":1}']
+    finally:
+        for sink in sinks:
+            sink.close()
