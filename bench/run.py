@@ -89,14 +89,15 @@ EXPECTED_PRIMES = count_primes(PRIMES_N)
 class ServerUnderTest:
     """One server as a child process in its own process group; ``pid`` is its main process."""
 
-    def __init__(self, kind: str, workers: int, root: Path = REPO):
+    def __init__(self, kind: str, workers: int, root: Path = REPO, extra_args: tuple = ()):
+        """``extra_args``: more ``serve`` flags for simplerpc-mp (``--spare-workers 0``, ...)."""
         self.kind = kind
         py = sys.executable
         env = dict(os.environ)
         env.pop("SIMPLERPC_MP_JSON", None)
         if kind == "mp" or kind.startswith("mp:") or kind == "mp-stdlib":
             args = [py, "-m", "simplerpc_mp", "serve", "--port", "0", "--workers", str(workers),
-                    "--handlers", HANDLERS, "--log-level", "warning"]
+                    "--handlers", HANDLERS, "--log-level", "warning", *extra_args]
             if kind == "mp-stdlib":
                 env["SIMPLERPC_MP_JSON"] = "stdlib"
         elif kind in ("single", "single-mp"):
