@@ -24,7 +24,7 @@ import time
 from .acceptor import CLOSED, Acceptor, Connection, Listener
 from .config import ConfigError, Settings
 from .handlers import Handlers
-from .supervisor import FatalError, Pool, Sentinel, WorkerHandle
+from .supervisor import SPAWN_RESERVE_FDS, FatalError, Pool, Sentinel, WorkerHandle
 from .timers import Timers
 
 log = logging.getLogger("simplerpc_mp.server")
@@ -41,6 +41,12 @@ DEMO_HANDLERS = "simplerpc_mp.demo:handlers"
 WORKER_STOP_S = 5.0
 # A stopping server gives clients this long to read their last answers before closing.
 FINAL_FLUSH_S = 2.0
+# Descriptors the acceptor holds per worker (measured on Linux: its socketpair end, the process
+# sentinel and the spawn pipe, two shared-memory arenas), and for everything else (the pool's
+# spawn reserve; listeners, selector, wakeup pair, stdio, log file, multiprocessing's resource
+# tracker, with room to spare).
+FDS_PER_WORKER = 5
+FDS_BASE = SPAWN_RESERVE_FDS + 16
 
 _SIGNALS = {
     signal.SIGINT: "int",
@@ -128,6 +134,7 @@ class Server:
         Raises ``ServerError`` when the handlers can't be loaded or the workers keep dying.
         """
         self._check_handlers_picklable()
+        _raise_open_file_limit(self.settings)
         self.listen()
         selector = self._selector
         self.pool = Pool(
@@ -324,6 +331,32 @@ class Server:
                     acceptor.on_write(key.data)
             pending = [c for c in pending if c.wbuf and c.state != CLOSED]
         acceptor.close_all("server stopping")
+
+
+def _raise_open_file_limit(settings) -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (as nginx and most servers do: every
+    connection is a descriptor), and warn if the settings may need more than that."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # macOS refuses an unlimited soft limit
+            log.debug("cannot raise the open file limit from %s to %s: %s", soft, hard, exc)
+    workers = settings.worker_count + settings.spare_workers
+    worker_fds = FDS_PER_WORKER * 2 * workers  # twice: during a reload, old and new workers
+    need = settings.max_connections + worker_fds + FDS_BASE
+    if soft != resource.RLIM_INFINITY and need > soft:
+        log.warning(
+            "max_connections (%d) plus %d descriptors for the workers need about %d open files, more than "
+            "the limit of %d (ulimit -n): past about %d connections, accept() fails and new clients wait "
+            "unanswered; raise the limit or lower max_connections",
+            settings.max_connections, worker_fds, need, soft, max(0, soft - worker_fds - FDS_BASE),
+        )
 
 
 def _record_only(signum, frame) -> None:
