@@ -147,8 +147,12 @@ class Server:
             self.pool.start()
             self._loop()
         except FatalError as exc:
-            self.pool.kill_all()
+            self._stop_now()
             raise ServerError(str(exc), exc.exit_code) from None
+        except BaseException:
+            if not self._done:
+                self._stop_now()  # an unexpected error: still answer every RPC held
+            raise
         finally:
             if self.pool.workers:
                 self.pool.kill_all()  # an unexpected error: leave no orphans
@@ -261,8 +265,15 @@ class Server:
 
     def handle_quit(self) -> None:
         log.info("stopping now")
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        """Stop at once, whatever the reason (QUIT, workers failing, an error in the loop):
+        workers killed, every RPC without an answer answered FAIL ShuttingDown, clients given
+        a moment to read it, connections closed."""
         self._stopping = True
         self.pool.kill_all()
+        self.acceptor.stop_accepting(close=True)
         failed = self.acceptor.answer_unanswered()
         if failed:
             log.warning("%d RPCs answered ShuttingDown", failed)

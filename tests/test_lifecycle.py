@@ -22,6 +22,35 @@ import pytest
 from .conftest import RunningServer, wait_until
 from .test_supervisor import BASIC, RawConn, _run_serve, drive, finish, gone, serve, worker_pids
 
+# -- every RPC is answered, whatever stops the server -----------------------------------------
+
+
+def test_exit_4_answers_every_rpc_it_held(start_server, tmp_path):
+    """One good worker, then every replacement dies in on_start (tests/handlers/sup_crashloop.py).
+    A crash takes the good worker while 99 RPCs wait behind the crashed one; then 50 more come
+    on another connection while no worker serves. The server gives up with exit 4, and every
+    RPC sent got exactly one answer first: WorkerCrashed for the crashed one, ShuttingDown for
+    the rest. (They used to get nothing: the connections were just closed.)"""
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    env = {"SUP_CRASHLOOP_DIR": str(slots), "SUP_CRASHLOOP_GOOD": "1"}
+    server = serve(start_server, "--handlers", "tests.handlers.sup_crashloop", workers=1, env=env)
+    a, b = RawConn(server), RawConn(server)
+    drive([a, b], lambda: bool(a.pushes and b.pushes))  # both on_connect hooks have run
+    a.send([("crash", {"code": 5})] + [("echo", {"i": i}) for i in range(1, 100)])
+    drive([a], lambda: bool(a.answers))
+    b.send([("echo", {"i": i}) for i in range(50)])
+    drive([a, b], lambda: a.eof and b.eof, timeout=30)
+    assert server.proc.wait(10) == 4, server.log()
+    assert [(kind, data["reason"]) for kind, data in a.answers] == [("FAIL", "WorkerCrashed")] + [("FAIL", "ShuttingDown")] * 99
+    assert [(kind, data["reason"]) for kind, data in b.answers] == [("FAIL", "ShuttingDown")] * 50
+    log = server.log()
+    assert re.search(r"149 RPCs answered ShuttingDown", log), log
+    assert re.search(r"simplerpc-mp: error: workers keep failing to start", log), log
+    a.close()
+    b.close()
+
+
 # -- out of file descriptors ------------------------------------------------------------------
 
 
