@@ -15,16 +15,22 @@ socket the selector watches, and the loop calls ``handle_<name>()``.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import selectors
 import signal
 import socket
+import sys
 import threading
 import time
 
 from .acceptor import CLOSED, Acceptor, Connection, Listener
 from .config import ConfigError, Settings
 from .handlers import Handlers
-from .supervisor import SPAWN_RESERVE_FDS, FatalError, Pool, Sentinel, WorkerHandle
+from .logs import configure_logging
+from .supervisor import (
+    EXIT_UNGUARDED_MAIN, SPAWN_RESERVE_FDS, FatalError, Pool, Sentinel, UnguardedMainError, WorkerHandle,
+)
 from .timers import Timers
 
 log = logging.getLogger("simplerpc_mp.server")
@@ -33,6 +39,7 @@ __all__ = ["Server", "ServerError", "EXIT_OK", "EXIT_HANDLERS", "EXIT_WORKERS_FA
 
 EXIT_OK = 0
 EXIT_LISTEN = 1  # the address could not be bound
+EXIT_CONFIG = 2  # bad settings (a log_file that cannot be opened)
 EXIT_HANDLERS = 3  # the handler module could not be loaded
 EXIT_WORKERS_FAILING = 4  # workers kept dying during start-up
 
@@ -116,6 +123,7 @@ class Server:
 
     def listen(self) -> tuple:
         """Bind the listening socket; returns ``(host, port)``. ``start()`` calls it if needed."""
+        _exit_if_rerun_by_a_worker()
         if self.address is None:
             self._selector = selectors.DefaultSelector()
             self.timers = Timers()
@@ -132,7 +140,11 @@ class Server:
         """Serve until stopped (blocking); returns the exit code (0 after a graceful stop).
 
         Raises ``ServerError`` when the handlers can't be loaded or the workers keep dying.
+        A script that starts its server without the ``if __name__ == "__main__":`` guard (each
+        worker would run it again) gets one line on stderr and ``SystemExit(3)``, no traceback.
         """
+        _exit_if_rerun_by_a_worker()
+        self._configure_logging()
         self._check_handlers_picklable()
         _raise_open_file_limit(self.settings)
         self.listen()
@@ -146,6 +158,10 @@ class Server:
         try:
             self.pool.start()
             self._loop()
+        except UnguardedMainError as exc:
+            self._stop_now()
+            print(f"simplerpc-mp: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(exc.exit_code) from None
         except FatalError as exc:
             self._stop_now()
             raise ServerError(str(exc), exc.exit_code) from None
@@ -161,6 +177,15 @@ class Server:
             self.acceptor.close_all("server stopped")
             selector.close()
         return self.exit_code
+
+    def _configure_logging(self) -> None:
+        """Log as ``serve`` does, unless the application has set up logging itself (a script)."""
+        if logging.getLogger().handlers or logging.getLogger("simplerpc_mp").handlers:
+            return
+        try:
+            configure_logging(self.settings.log_level, self.settings.log_format, self.settings.log_file)
+        except OSError as exc:
+            raise ServerError(f"cannot open log_file {self.settings.log_file!r}: {exc.strerror or exc}", EXIT_CONFIG) from None
 
     def _check_handlers_picklable(self) -> None:
         if isinstance(self.handlers_spec, Handlers):
@@ -186,6 +211,9 @@ class Server:
         self.ready.set()
         if self.on_ready is not None:
             self.on_ready(self)
+        else:  # (serve prints its own line)
+            host, port = self.address
+            log.info("listening on %s:%s (workers: %d, pid %s)", host, port, self.settings.worker_count, os.getpid())
 
     def _loop(self) -> None:
         selector, acceptor, pool, timers = self._selector, self.acceptor, self.pool, self.timers
@@ -342,6 +370,16 @@ class Server:
                     acceptor.on_write(key.data)
             pending = [c for c in pending if c.wbuf and c.state != CLOSED]
         acceptor.close_all("server stopping")
+
+
+def _exit_if_rerun_by_a_worker() -> None:
+    """A spawned worker runs the user's script again (as ``__mp_main__``) before it gets its
+    job; one without the main guard then starts a server here. Leave at once, quietly, with a
+    code the supervisor turns into one clear line (not a second server on the same port, or a
+    wall of tracebacks). ``_inheriting`` is multiprocessing's own flag for that phase (its
+    ``spawn._check_not_importing_main`` reads it)."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        os._exit(EXIT_UNGUARDED_MAIN)
 
 
 def _raise_open_file_limit(settings) -> None:

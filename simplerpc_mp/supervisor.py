@@ -25,6 +25,7 @@ import random
 import selectors
 import signal
 import socket
+import sys
 import time
 from collections import deque
 
@@ -36,7 +37,7 @@ from .worker import worker_main
 
 log = logging.getLogger("simplerpc_mp.supervisor")
 
-__all__ = ["Pool", "WorkerHandle", "FatalError"]
+__all__ = ["Pool", "WorkerHandle", "FatalError", "UnguardedMainError", "EXIT_UNGUARDED_MAIN"]
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 # At most this many batches sent to a worker and not yet fully answered. Two keep a worker fed
@@ -75,6 +76,10 @@ STOP_WAIT_S = 10.0
 # and the connections waiting for it get their answers. A spawn needs about 10 at its peak (the
 # socketpair, the spawn and exec-error pipes, shared-memory arenas) and keeps 5.
 SPAWN_RESERVE_FDS = 16
+# A worker process that finds itself re-running the user's script (a script that starts its
+# Server without the ``if __name__ == "__main__":`` guard; spawned workers import it again)
+# exits with this code, before it binds or spawns anything (see ``server.Server``).
+EXIT_UNGUARDED_MAIN = 85
 
 
 _WORKER_IGNORED_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -86,6 +91,10 @@ class FatalError(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class UnguardedMainError(FatalError):
+    """The workers re-run the user's script, which starts a server: it lacks the main guard."""
 
 
 class Sentinel:
@@ -759,6 +768,8 @@ class Pool:
             acceptor.job_done(job)
 
     def _on_boot_failure(self, worker: WorkerHandle, how: str) -> None:
+        if worker.process.exitcode == EXIT_UNGUARDED_MAIN:
+            raise UnguardedMainError(_unguarded_main_message(), 3)
         message = worker.boot_error or worker.killed_for or f"worker exited during start-up ({how})"
         if worker.generation > self.generation:
             return  # a worker of a reload that was already given up
@@ -997,6 +1008,14 @@ def _describe_spec(spec) -> str:
         return repr(spec)
     modules = sorted({getattr(op.fn, "__module__", "?") for op in spec.ops.values()})
     return f"of module {', '.join(modules)}" if modules else "(a Handlers object)"
+
+
+def _unguarded_main_message() -> str:
+    script = getattr(sys.modules.get("__main__"), "__file__", None) or "the script"
+    return (
+        f"{script} starts the server when it is imported, and each worker process imports it again: "
+        'put the code that starts the server under `if __name__ == "__main__":`'
+    )
 
 
 def _may_hold_back(worker: WorkerHandle) -> bool:
