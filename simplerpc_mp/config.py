@@ -169,7 +169,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("max_requests_jitter", int, 0, "Random extra RPCs (0..N) per worker before recycling, to spread restarts.", "workers", minimum=0),
     _s("max_worker_memory", int, 0, "Recycle a worker whose RSS passes this many MiB (0 = off).", "workers", minimum=0),
     _s("spare_workers", int, 1, "Booted workers held in reserve, to replace a lost or retiring worker at once.", "workers", minimum=0, maximum=1024),
-    _s("boot_timeout", float, 60.0, "Seconds a worker may take to import the handlers and run on_start before it is killed.", "workers", minimum=0, maximum=MAX_DURATION_S),
+    _s("boot_timeout", float, 60.0, "Seconds a worker may take to import the handlers and run on_start before it is killed and counted as a failed start (0 = off).", "workers", minimum=0, maximum=MAX_DURATION_S),
     # -- limits
     _s("max_frame_bytes", int, 1 * MiB, "Longest line a client may send; longer ones get FAIL FrameTooLarge.", "limits", minimum=64),
     _s("max_inflight", int, 128, "RPCs a connection may have unanswered before the server stops reading it.", "limits", minimum=1),

@@ -15,16 +15,22 @@ socket the selector watches, and the loop calls ``handle_<name>()``.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import selectors
 import signal
 import socket
+import sys
 import threading
 import time
 
 from .acceptor import CLOSED, Acceptor, Connection, Listener
 from .config import ConfigError, Settings
 from .handlers import Handlers
-from .supervisor import FatalError, Pool, Sentinel, WorkerHandle
+from .logs import configure_logging
+from .supervisor import (
+    EXIT_UNGUARDED_MAIN, SPAWN_RESERVE_FDS, FatalError, Pool, Sentinel, UnguardedMainError, WorkerHandle,
+)
 from .timers import Timers
 
 log = logging.getLogger("simplerpc_mp.server")
@@ -33,6 +39,7 @@ __all__ = ["Server", "ServerError", "EXIT_OK", "EXIT_HANDLERS", "EXIT_WORKERS_FA
 
 EXIT_OK = 0
 EXIT_LISTEN = 1  # the address could not be bound
+EXIT_CONFIG = 2  # bad settings (a log_file that cannot be opened)
 EXIT_HANDLERS = 3  # the handler module could not be loaded
 EXIT_WORKERS_FAILING = 4  # workers kept dying during start-up
 
@@ -41,6 +48,12 @@ DEMO_HANDLERS = "simplerpc_mp.demo:handlers"
 WORKER_STOP_S = 5.0
 # A stopping server gives clients this long to read their last answers before closing.
 FINAL_FLUSH_S = 2.0
+# Descriptors the acceptor holds per worker (measured on Linux: its socketpair end, the process
+# sentinel and the spawn pipe, two shared-memory arenas), and for everything else (the pool's
+# spawn reserve; listeners, selector, wakeup pair, stdio, log file, multiprocessing's resource
+# tracker, with room to spare).
+FDS_PER_WORKER = 5
+FDS_BASE = SPAWN_RESERVE_FDS + 16
 
 _SIGNALS = {
     signal.SIGINT: "int",
@@ -110,6 +123,7 @@ class Server:
 
     def listen(self) -> tuple:
         """Bind the listening socket; returns ``(host, port)``. ``start()`` calls it if needed."""
+        _exit_if_rerun_by_a_worker()
         if self.address is None:
             self._selector = selectors.DefaultSelector()
             self.timers = Timers()
@@ -126,8 +140,13 @@ class Server:
         """Serve until stopped (blocking); returns the exit code (0 after a graceful stop).
 
         Raises ``ServerError`` when the handlers can't be loaded or the workers keep dying.
+        A script that starts its server without the ``if __name__ == "__main__":`` guard (each
+        worker would run it again) gets one line on stderr and ``SystemExit(3)``, no traceback.
         """
+        _exit_if_rerun_by_a_worker()
+        self._configure_logging()
         self._check_handlers_picklable()
+        _raise_open_file_limit(self.settings)
         self.listen()
         selector = self._selector
         self.pool = Pool(
@@ -139,9 +158,17 @@ class Server:
         try:
             self.pool.start()
             self._loop()
+        except UnguardedMainError as exc:
+            self._stop_now()
+            print(f"simplerpc-mp: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(exc.exit_code) from None
         except FatalError as exc:
-            self.pool.kill_all()
+            self._stop_now()
             raise ServerError(str(exc), exc.exit_code) from None
+        except BaseException:
+            if not self._done:
+                self._stop_now()  # an unexpected error: still answer every RPC held
+            raise
         finally:
             if self.pool.workers:
                 self.pool.kill_all()  # an unexpected error: leave no orphans
@@ -150,6 +177,15 @@ class Server:
             self.acceptor.close_all("server stopped")
             selector.close()
         return self.exit_code
+
+    def _configure_logging(self) -> None:
+        """Log as ``serve`` does, unless the application has set up logging itself (a script)."""
+        if logging.getLogger().handlers or logging.getLogger("simplerpc_mp").handlers:
+            return
+        try:
+            configure_logging(self.settings.log_level, self.settings.log_format, self.settings.log_file)
+        except OSError as exc:
+            raise ServerError(f"cannot open log_file {self.settings.log_file!r}: {exc.strerror or exc}", EXIT_CONFIG) from None
 
     def _check_handlers_picklable(self) -> None:
         if isinstance(self.handlers_spec, Handlers):
@@ -175,6 +211,9 @@ class Server:
         self.ready.set()
         if self.on_ready is not None:
             self.on_ready(self)
+        else:  # (serve prints its own line)
+            host, port = self.address
+            log.info("listening on %s:%s (workers: %d, pid %s)", host, port, self.settings.worker_count, os.getpid())
 
     def _loop(self) -> None:
         selector, acceptor, pool, timers = self._selector, self.acceptor, self.pool, self.timers
@@ -254,8 +293,15 @@ class Server:
 
     def handle_quit(self) -> None:
         log.info("stopping now")
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        """Stop at once, whatever the reason (QUIT, workers failing, an error in the loop):
+        workers killed, every RPC without an answer answered FAIL ShuttingDown, clients given
+        a moment to read it, connections closed."""
         self._stopping = True
         self.pool.kill_all()
+        self.acceptor.stop_accepting(close=True)
         failed = self.acceptor.answer_unanswered()
         if failed:
             log.warning("%d RPCs answered ShuttingDown", failed)
@@ -324,6 +370,42 @@ class Server:
                     acceptor.on_write(key.data)
             pending = [c for c in pending if c.wbuf and c.state != CLOSED]
         acceptor.close_all("server stopping")
+
+
+def _exit_if_rerun_by_a_worker() -> None:
+    """A spawned worker runs the user's script again (as ``__mp_main__``) before it gets its
+    job; one without the main guard then starts a server here. Leave at once, quietly, with a
+    code the supervisor turns into one clear line (not a second server on the same port, or a
+    wall of tracebacks). ``_inheriting`` is multiprocessing's own flag for that phase (its
+    ``spawn._check_not_importing_main`` reads it)."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        os._exit(EXIT_UNGUARDED_MAIN)
+
+
+def _raise_open_file_limit(settings) -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (as nginx and most servers do: every
+    connection is a descriptor), and warn if the settings may need more than that."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # macOS refuses an unlimited soft limit
+            log.debug("cannot raise the open file limit from %s to %s: %s", soft, hard, exc)
+    workers = settings.worker_count + settings.spare_workers
+    worker_fds = FDS_PER_WORKER * 2 * workers  # twice: during a reload, old and new workers
+    need = settings.max_connections + worker_fds + FDS_BASE
+    if soft != resource.RLIM_INFINITY and need > soft:
+        log.warning(
+            "max_connections (%d) plus %d descriptors for the workers need about %d open files, more than "
+            "the limit of %d (ulimit -n): past about %d connections, accept() fails and new clients wait "
+            "unanswered; raise the limit or lower max_connections",
+            settings.max_connections, worker_fds, need, soft, max(0, soft - worker_fds - FDS_BASE),
+        )
 
 
 def _record_only(signum, frame) -> None:

@@ -25,6 +25,7 @@ import random
 import selectors
 import signal
 import socket
+import sys
 import time
 from collections import deque
 
@@ -36,7 +37,7 @@ from .worker import worker_main
 
 log = logging.getLogger("simplerpc_mp.supervisor")
 
-__all__ = ["Pool", "WorkerHandle", "FatalError"]
+__all__ = ["Pool", "WorkerHandle", "FatalError", "UnguardedMainError", "EXIT_UNGUARDED_MAIN"]
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 # At most this many batches sent to a worker and not yet fully answered. Two keep a worker fed
@@ -70,6 +71,15 @@ MEMORY_CHECK_INTERVAL_S = 1.0
 # A worker asked to stop (recycling, reload, scale-down, shutdown) that is still there after this
 # long is killed.
 STOP_WAIT_S = 10.0
+# Descriptors the pool keeps open (on /dev/null) and lets go just before it spawns a worker: when
+# client connections have taken every other one (EMFILE), a lost worker can still be replaced,
+# and the connections waiting for it get their answers. A spawn needs about 10 at its peak (the
+# socketpair, the spawn and exec-error pipes, shared-memory arenas) and keeps 5.
+SPAWN_RESERVE_FDS = 16
+# A worker process that finds itself re-running the user's script (a script that starts its
+# Server without the ``if __name__ == "__main__":`` guard; spawned workers import it again)
+# exits with this code, before it binds or spawns anything (see ``server.Server``).
+EXIT_UNGUARDED_MAIN = 85
 
 
 _WORKER_IGNORED_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -81,6 +91,10 @@ class FatalError(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class UnguardedMainError(FatalError):
+    """The workers re-run the user's script, which starts a server: it lacks the main guard."""
 
 
 class Sentinel:
@@ -98,6 +112,7 @@ class WorkerHandle:
         "booted", "accepting", "stopping", "dead", "lines_sent", "max_lines", "generation",
         "check_timer", "sweep_timer", "timed_out", "boot_error", "retire_reason", "kill_timer", "booted_at",
         "claim_lock", "spare", "yield_flag", "last_done_ns", "overdue", "sessions",
+        "boot_timer", "killed_for",
     )
 
     def __init__(self, worker_id: int, process, sock: socket.socket, board, journal, generation: int, max_lines: int,
@@ -133,6 +148,8 @@ class WorkerHandle:
         self.last_done_ns = 0  # when its last job finished (the scheduler's cost measurements)
         self.overdue: tuple | None = None  # the board as first seen past its deadline (check_deadline)
         self.sessions = ipc.SessionCache()  # which connections' sessions it holds (see ipc)
+        self.boot_timer = None  # boot_timeout
+        self.killed_for = ""  # why the supervisor killed it, if it did: its exit is no crash
 
 
 class Pool:
@@ -164,18 +181,37 @@ class Pool:
         self.given_back = 0  # job rests a worker gave back at a time slice
         self._memory_timer = None
         self._wake_timer = None  # wakes the loop when a take-back may become due
+        self._fd_reserve: list[int] = []  # see SPAWN_RESERVE_FDS
 
     # -- spawning ----------------------------------------------------------------------------
 
     def spawn(self, spare: bool = False) -> WorkerHandle | None:
-        """Start one worker; None (logged, and backed off like a boot failure) if the OS refused."""
+        """Start one worker; None (logged, and retried with back-off) if the OS refused."""
+        self._free_fd_reserve()
         try:
             return self._spawn(spare)
         except OSError as exc:  # out of descriptors, processes or memory: try again later
             if not self.ever_booted:
                 raise FatalError(f"cannot start a worker process: {exc}", 4) from None
-            self._count_start_failure(f"cannot start a worker process: {exc}")
+            # A shortage passes (clients close, memory frees): keep the connections and retry,
+            # however long it lasts; it says nothing about the handler code.
+            self._count_start_failure(f"cannot start a worker process: {exc}", may_give_up=False)
             return None
+        finally:
+            self._hold_fd_reserve()
+
+    def _hold_fd_reserve(self) -> None:
+        reserve = self._fd_reserve
+        while len(reserve) < SPAWN_RESERVE_FDS:
+            try:
+                reserve.append(os.open(os.devnull, os.O_RDONLY))  # (not inherited by workers: PEP 446)
+            except OSError:
+                return  # out of descriptors: hold what there is, take more at the next spawn
+
+    def _free_fd_reserve(self) -> None:
+        for fd in self._fd_reserve:
+            os.close(fd)
+        self._fd_reserve.clear()
 
     def _spawn(self, spare: bool) -> WorkerHandle:
         settings = self.settings
@@ -205,15 +241,16 @@ class Pool:
         )
         # The child inherits a blocked SIGINT/SIGTERM, so a Ctrl-C while it boots can't put a
         # KeyboardInterrupt traceback on the terminal; the worker ignores both, then unblocks.
+        ours.setblocking(False)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_IGNORED_SIGNALS)
         try:
             process.start()
         except OSError:
-            ours.close()
+            ours.close()  # (closing it before setblocking() made the error EBADF, not EMFILE)
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            ours.setblocking(False)
+            theirs.close()  # the child has its own copy now (or there is no child)
         max_lines = 0
         if settings.max_requests:
             max_lines = settings.max_requests + random.randint(0, settings.max_requests_jitter)
@@ -222,6 +259,8 @@ class Pool:
         self.workers.append(worker)
         self.selector.register(ours, READ, worker)
         self.selector.register(process.sentinel, READ, Sentinel(worker))
+        if settings.boot_timeout > 0:
+            worker.boot_timer = self.timers.call_later(settings.boot_timeout, self._boot_timed_out, worker)
         log.debug("spawned worker %s (pid %s)", worker_id, process.pid)
         return worker
 
@@ -535,6 +574,9 @@ class Pool:
     def _on_hello(self, worker: WorkerHandle, info: dict) -> None:
         worker.booted = True
         worker.booted_at = time.monotonic()
+        if worker.boot_timer is not None:
+            worker.boot_timer.cancel()
+            worker.boot_timer = None
         self.timers.call_later(EARLY_DEATH_S, self._survived_start, worker)
         self.acceptor.set_handler_info(info)
         timeouts = [t for t in info["timeouts"].values() if t > 0]
@@ -608,6 +650,7 @@ class Pool:
         """Timer: SIGKILL a worker still there (``why`` is logged; a timeout was logged already)."""
         if worker.process.exitcode is None:
             if why:
+                worker.killed_for = why
                 log.warning("worker %s (pid %s) killed: %s", worker.worker_id, worker.pid, why)
             worker.process.kill()
 
@@ -628,12 +671,14 @@ class Pool:
         self.workers.remove(worker)
         code = worker.process.exitcode
         how = _describe_exit(code)
-        if worker.boot_error or not worker.booted:
+        if _failed_boot(worker):
             self._on_boot_failure(worker, how)
         elif worker.stopping and code == 0:
             log.info("worker %s (pid %s) exited (%s)", worker.worker_id, worker.pid, worker.retire_reason or "stopped")
         elif worker.timed_out is not None:
             log.info("worker %s (pid %s) killed after its timeout (%s)", worker.worker_id, worker.pid, how)
+        elif worker.killed_for:  # the supervisor's own decision: what it was, not a crash
+            log.info("worker %s (pid %s) gone (%s): %s", worker.worker_id, worker.pid, how, worker.killed_for)
         elif not self.shutting_down or worker.jobs:
             self.crashes += 1
             running = self._describe_running(worker)
@@ -654,7 +699,7 @@ class Pool:
 
     @staticmethod
     def _cancel_timers(worker: WorkerHandle) -> None:
-        for timer in (worker.check_timer, worker.kill_timer, worker.sweep_timer):
+        for timer in (worker.check_timer, worker.kill_timer, worker.sweep_timer, worker.boot_timer):
             if timer is not None:
                 timer.cancel()
 
@@ -723,7 +768,9 @@ class Pool:
             acceptor.job_done(job)
 
     def _on_boot_failure(self, worker: WorkerHandle, how: str) -> None:
-        message = worker.boot_error or f"worker exited during start-up ({how})"
+        if worker.process.exitcode == EXIT_UNGUARDED_MAIN:
+            raise UnguardedMainError(_unguarded_main_message(), 3)
+        message = worker.boot_error or worker.killed_for or f"worker exited during start-up ({how})"
         if worker.generation > self.generation:
             return  # a worker of a reload that was already given up
         if worker.generation == self.generation and self._has_old_generation():
@@ -733,25 +780,51 @@ class Pool:
             for other in self.workers:
                 if other.generation > self.generation:
                     other.accepting = False
+                    other.killed_for = "its reload failed"
                     other.process.kill()
             return
         if worker.boot_error and not self.ever_booted:
             raise FatalError(message, 3)
         self._count_start_failure(f"worker {worker.worker_id} failed to start: {message}")
 
-    def _count_start_failure(self, message: str) -> None:
-        """Back off before the next spawn; give up when failures repeat and nothing serves."""
+    def _count_start_failure(self, message: str, may_give_up: bool = True) -> None:
+        """Back off before the next spawn, and arm it; give up when failures repeat and nothing
+        serves (``may_give_up``: not when the OS refused a process, which is no code's fault)."""
         self.boot_failures += 1
         if self.ever_booted and not self.announced:
             self._announce()  # serving with fewer workers than asked for: say so, don't hang
         now = time.monotonic()
         serving = any(w.booted and w.accepting and now - w.booted_at >= EARLY_DEATH_S for w in self.workers)
-        if self.boot_failures >= BOOT_FAILURES_FATAL and not serving:
+        if may_give_up and self.boot_failures >= BOOT_FAILURES_FATAL and not serving:
             raise FatalError(f"workers keep failing to start ({self.boot_failures} in a row): {message}", 4)
         # While healthy workers still serve (say after a bad deploy), keep them and keep trying.
-        delay = min(BOOT_BACKOFF_FIRST_S * 2 ** (self.boot_failures - 1), BOOT_BACKOFF_MAX_S)
+        delay = min(BOOT_BACKOFF_FIRST_S * 2 ** min(self.boot_failures - 1, 16), BOOT_BACKOFF_MAX_S)
         log.error("%s; next try in %.1fs", message, delay)
         self.respawn_after = now + delay
+        # Armed here, always: a spawn refused inside manage() has nothing else that would call
+        # manage() again (no exit, no signal), and the pool stayed short for good.
+        if self.respawn_timer is not None:
+            self.respawn_timer.cancel()
+        self.respawn_timer = self.timers.call_at(self.respawn_after, self._respawn_due)
+
+    def _boot_timed_out(self, worker: WorkerHandle) -> None:
+        """Timer: a worker still loading the handlers (import or on_start) after boot_timeout."""
+        worker.boot_timer = None
+        if worker.booted or worker.dead or not worker.accepting:
+            return  # (a retired one is killed by its stop timer, and that is no boot failure)
+        timeout = self.settings.boot_timeout
+        spec = _describe_spec(self.handlers_spec)
+        worker.killed_for = f"did not boot within boot_timeout ({timeout:g}s) loading handlers {spec}"
+        log.error(
+            "worker %s (pid %s) has not booted after boot_timeout (%gs): loading handlers %s hangs "
+            "(at import or in on_start); dumping its stack and killing it",
+            worker.worker_id, worker.pid, timeout, spec,
+        )
+        try:
+            os.kill(worker.pid, signal.SIGUSR1)  # faulthandler in the worker prints where it hangs
+        except ProcessLookupError:
+            return
+        worker.kill_timer = self.timers.call_later(DUMP_GRACE_S, self._kill, worker)
 
     def _has_old_generation(self) -> bool:
         return any(w.generation < self.generation for w in self.workers)
@@ -847,11 +920,24 @@ class Pool:
             self._memory_timer = self.timers.call_later(MEMORY_CHECK_INTERVAL_S, self.check_memory)
 
     def reload(self) -> None:
-        """New workers import the handlers afresh; each old one retires once a new one booted."""
+        """New workers import the handlers afresh; each old one retires once a new one booted.
+
+        A HUP during a reload restarts it, the newest code wins: workers still booting (they
+        may hold the code of before, and have no job) are killed and reaped at once, and one
+        new set starts, so a burst of HUPs never stacks generations of workers.
+        """
         self.generation += 1
         log.info("reloading: starting %d workers of generation %d", self.target, self.generation)
-        for worker in [w for w in self.workers if w.accepting and not w.booted]:
-            self.retire(worker, "superseded by a newer reload before it booted")
+        booting = [w for w in self.workers if not w.booted and not w.dead]
+        for worker in booting:
+            worker.accepting = False
+            worker.killed_for = "superseded by a newer reload before it booted"
+            worker.process.kill()
+        self.respawn_after = 0.0  # new code gets its try now, whatever back-off the old one earned
+        for worker in booting:
+            worker.process.join()  # killed: at once
+        for worker in booting:
+            self.on_exit(worker)  # (once all are gone: its manage() starts the new ones)
         self.manage()  # the new generation: target workers and the spares
 
     def scale(self, delta: int) -> None:
@@ -882,16 +968,19 @@ class Pool:
                 worker.process.join()
             self._forget(worker)
         self.workers.clear()
+        self._free_fd_reserve()
 
     def kill_all(self) -> None:
         self.shutting_down = True
         for worker in self.workers:
             if worker.process.exitcode is None:
+                worker.killed_for = "server stopping now"
                 worker.process.kill()
         for worker in self.workers:
             worker.process.join()
             self._forget(worker)
         self.workers.clear()
+        self._free_fd_reserve()
 
     def _forget(self, worker: WorkerHandle) -> None:
         """A worker reaped at shutdown: events about it later in this loop pass are ignored."""
@@ -904,6 +993,29 @@ class Pool:
                 pass  # its pipe was unregistered already at EOF
         worker.sock.close()
         self._release(worker)
+
+
+def _failed_boot(worker: WorkerHandle) -> bool:
+    """Did the worker die of its own start-up, or hang in it past boot_timeout? One the
+    supervisor killed after retiring it (superseded by a reload, a reload given up) did not."""
+    if worker.boot_error:
+        return True
+    return not worker.booted and (worker.accepting or not worker.killed_for)
+
+
+def _describe_spec(spec) -> str:
+    if isinstance(spec, str):
+        return repr(spec)
+    modules = sorted({getattr(op.fn, "__module__", "?") for op in spec.ops.values()})
+    return f"of module {', '.join(modules)}" if modules else "(a Handlers object)"
+
+
+def _unguarded_main_message() -> str:
+    script = getattr(sys.modules.get("__main__"), "__file__", None) or "the script"
+    return (
+        f"{script} starts the server when it is imported, and each worker process imports it again: "
+        'put the code that starts the server under `if __name__ == "__main__":`'
+    )
 
 
 def _may_hold_back(worker: WorkerHandle) -> bool:

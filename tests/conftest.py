@@ -41,7 +41,7 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, what: s
 class RunningServer:
     """A ``simplerpc-mp serve`` child process and ways to inspect it."""
 
-    def __init__(self, args: list[str], env: dict | None = None, cwd: Path = REPO):
+    def __init__(self, args: list[str], env: dict | None = None, cwd: Path = REPO, preexec_fn=None):
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="simplerpc-test-", suffix=".log", delete=False)
         full_env = dict(os.environ)
         # No spare workers unless a test asks (--spare-workers wins): most tests count worker
@@ -56,6 +56,7 @@ class RunningServer:
             stdout=subprocess.PIPE,
             stderr=self.log_file,
             stdin=subprocess.DEVNULL,
+            preexec_fn=preexec_fn,  # (say, resource limits for the server process)
         )
         self.pid = self.proc.pid
         self.host = ""

@@ -12,6 +12,8 @@ op table: ``on(op, fn)`` and ``fn(conn, data)``; ops without an entry are ignore
 from __future__ import annotations
 
 import json
+import os
+import re
 import selectors
 import signal
 import socket
@@ -22,7 +24,8 @@ import time
 
 import pytest
 
-from tests.conftest import RunningServer
+from simplerpc_mp import Client
+from tests.conftest import REPO, RunningServer
 
 
 class MessageHandler:
@@ -297,9 +300,12 @@ class ScriptOutput:
 def run_script(tmp_path, source: str, name: str = "sample.py") -> subprocess.Popen:
     script = tmp_path / name
     script.write_text(source)
+    # The package of this checkout, not whichever one is installed (a script's sys.path starts
+    # with its own folder, not with the repository).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen(
         [sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL, env=env,
     )
 
 
@@ -354,5 +360,86 @@ def test_seed_sample_server_and_client(tmp_path):
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(30) == 0
         out.wait_for(lambda ls: "start() returned 0" in ls, what="start() returning")
+    finally:
+        kill_tree(proc)
+
+
+# -- seed-style scripts: logging, and the main guard ---------------------------------------------
+
+SEED_SCRIPT = textwrap.dedent(
+    '''
+    import sys
+    {logging}
+    from simplerpc_mp import Server
+
+
+    def handle_echo(connection, data):
+        return data
+
+
+    def main_server():
+        server = Server("127.0.0.1", {port}, workers=2)
+        server.handler.on("echo", handle_echo)
+        return server
+
+    {start}
+    '''
+)
+GUARDED = 'if __name__ == "__main__":\n    sys.exit(main_server().start())'
+UNGUARDED = "sys.exit(main_server().start())"  # the seed's sample had the guard; a quick script may not
+
+
+def _seed_script(start: str, port: int = 0, logging: str = "") -> str:
+    return SEED_SCRIPT.format(port=port, logging=logging, start=start)
+
+
+@pytest.mark.parametrize("own_logging", [False, True], ids=["default", "script_configured"])
+def test_seed_style_script_logs_as_serve_does(tmp_path, own_logging):
+    """A script that calls Server(...).start() and sets up no logging gets serve's log lines
+    (the ready line with the address, the workers booting, the stop), and a script that set
+    up logging itself keeps its own format. It used to print nothing at all."""
+    setup = 'import logging\nlogging.basicConfig(level=logging.INFO, format="APP %(name)s: %(message)s")' if own_logging else ""
+    proc = run_script(tmp_path, _seed_script(GUARDED, logging=setup))
+    try:
+        out = ScriptOutput(proc)
+        ready = re.compile(r"simplerpc_mp\.server: listening on 127\.0\.0\.1:(\d+) \(workers: 2, pid \d+\)")
+        lines = out.wait_for(lambda ls: any(ready.search(line) for line in ls), what="the ready line")
+        port = int(next(ready.search(line) for line in lines if ready.search(line)).group(1))
+        with Client("127.0.0.1", port) as client:
+            assert client.call("echo", {"x": 1}) == {"x": 1}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        out.wait_for(lambda ls: any("stopped (worker crashes: 0" in line for line in ls), what="the stop line")
+        ours = [line for line in out.lines if "simplerpc_mp." in line]
+        assert any(re.search(r"simplerpc_mp\.supervisor: worker \d+ booted", line) for line in ours), out.lines
+        if own_logging:  # the script's format, and our lines once each (no handler of ours added)
+            assert all(line.startswith("APP ") for line in ours), out.lines
+        else:
+            assert all(re.match(r"\S+ \S+ \[\d+\] (INFO|WARNING) simplerpc_mp\.", line) for line in ours), out.lines
+    finally:
+        kill_tree(proc)
+
+
+@pytest.mark.parametrize("fixed_port", [False, True], ids=["port_0", "fixed_port"])
+def test_script_without_main_guard_stops_with_one_line_saying_so(tmp_path, fixed_port):
+    """Workers are spawned: each imports the script again, and a script that starts its server
+    at import, without the main guard, would start one more server in every worker (a wall of
+    tracebacks, "Address already in use"). It stops instead, exit 3, with one line that says to
+    add the guard."""
+    port = 0
+    if fixed_port:
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            port = probe.getsockname()[1]
+    proc = run_script(tmp_path, _seed_script(UNGUARDED, port=port))
+    try:
+        code = proc.wait(60)
+        lines = [line.decode() for line in proc.stdout.read().splitlines()]
+        assert code == 3, lines
+        guard = [line for line in lines if 'if __name__ == "__main__":' in line]
+        assert len(guard) == 1, lines
+        assert guard[0].startswith(f"simplerpc-mp: error: {tmp_path / 'sample.py'} starts the server when it is imported"), guard
+        text = "\n".join(lines)
+        assert "Traceback" not in text and "Address already in use" not in text, text
+        assert len(lines) <= 4, text  # the line, and at most a few log lines
     finally:
         kill_tree(proc)
