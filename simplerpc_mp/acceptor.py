@@ -177,7 +177,9 @@ class Acceptor:
         self.has_connect = False
         self.has_disconnect = False
         self.pushes_dropped = 0
-        self.log_limit = RateLimitedLog()  # for events a client can repeat at will
+        # For events a client can repeat at will; what it holds back is logged a second later.
+        self.log_limit = RateLimitedLog(on_suppressed=self._arm_log_flush)
+        self._log_flush_timer = None
         self.request_bytes = 0  # sum of conn.request_bytes
         self.holders = 0  # connections with request_bytes > 0, for the equal share of the budget
         self.output_bytes = 0  # sum of len(conn.wbuf) + conn.done_bytes
@@ -196,6 +198,15 @@ class Acceptor:
         self.max_total_output = settings.max_total_output_bytes
         if self.accepting and settings.idle_timeout > 0 and not had_idle:
             self._schedule_idle_sweep()
+
+    def _arm_log_flush(self) -> None:
+        if self._log_flush_timer is None:
+            self._log_flush_timer = self.timers.call_later(self.log_limit.interval_s, self._flush_log)
+
+    def _flush_log(self) -> None:
+        self._log_flush_timer = None
+        if self.log_limit.flush():
+            self._arm_log_flush()
 
     # -- what the workers told us about the handlers ---------------------------------------
 

@@ -90,18 +90,24 @@ class RateLimitedLog:
     """Logs each kind of event (``key``) at most once per ``interval_s``.
 
     The events in between are counted, not logged; the next line of that kind that is logged
-    ends with "(N similar messages suppressed)". (If the kind never recurs, its last count is
-    not reported: nothing here runs between events.) ``key`` names a kind of event, such as
-    "refused": not a per-connection value, since each key is remembered for the process's life.
-    ``clock`` is injectable so that tests drive time.
+    ends with "(N similar messages suppressed)". So that a flood's last count is not lost when
+    the kind never recurs, ``on_suppressed`` (if given) is called when a kind starts holding
+    events back: the owner's loop then calls ``flush`` ``interval_s`` later, which logs the
+    last event held back with the count. ``key`` names a kind of event, such as "refused": not
+    a per-connection value, since each key is remembered for the process's life. ``clock`` is
+    injectable so that tests drive time.
     """
 
-    __slots__ = ("interval_s", "clock", "_keys")
+    __slots__ = ("interval_s", "clock", "on_suppressed", "_keys")
 
-    def __init__(self, interval_s: float = LOG_REPEAT_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, interval_s: float = LOG_REPEAT_INTERVAL_S, clock: Callable[[], float] = time.monotonic,
+                 on_suppressed: Callable[[], None] | None = None):
         self.interval_s = interval_s
         self.clock = clock
-        self._keys: dict[Hashable, list] = {}  # key -> [time of its last line, events left out since]
+        self.on_suppressed = on_suppressed
+        # key -> [time of its last line, events left out since, the last one left out as
+        # (logger, level, msg, args, kwargs)]
+        self._keys: dict[Hashable, list] = {}
 
     def log(self, logger: logging.Logger, key: Hashable, level: int, msg: str, *args, **kwargs) -> bool:
         """``logger.log(level, msg, *args, **kwargs)`` unless ``key`` logged a line less than
@@ -111,15 +117,38 @@ class RateLimitedLog:
         now = self.clock()
         entry = self._keys.get(key)
         if entry is None:
-            self._keys[key] = [now, 0]
+            self._keys[key] = [now, 0, None]
         elif now - entry[0] < self.interval_s:
             entry[1] += 1
+            entry[2] = (logger, level, msg, args, kwargs)
+            if entry[1] == 1 and self.on_suppressed is not None:
+                self.on_suppressed()
             return False
         else:
             suppressed = entry[1]
-            entry[0], entry[1] = now, 0
+            entry[0], entry[1], entry[2] = now, 0, None
             if suppressed:
                 msg += " (%d similar messages suppressed)"
                 args += (suppressed,)
         logger.log(level, msg, *args, **kwargs)
         return True
+
+    def flush(self) -> bool:
+        """Log, for each kind whose interval has passed with events held back, the last of them
+        with the count (it includes that one); True if some kind still holds events back."""
+        now = self.clock()
+        pending = False
+        for entry in self._keys.values():
+            if not entry[1]:
+                continue
+            if now - entry[0] < self.interval_s:
+                pending = True
+                continue
+            logger, level, msg, args, kwargs = entry[2]
+            count = entry[1]
+            entry[0], entry[1], entry[2] = now, 0, None
+            if count > 1:
+                msg += " (%d similar messages suppressed)"
+                args += (count - 1,)
+            logger.log(level, msg, *args, **kwargs)
+        return pending

@@ -30,7 +30,7 @@ from .errors import (
     UNKNOWN_MESSAGE, UNKNOWN_REASON, AnswerTooLarge, SessionTooLarge, SimpleRPCException, UnknownOpcode,
 )
 from .handlers import Conn, Handlers, HandlerLoadError, PushLimit, load_handlers
-from .logs import configure_logging
+from .logs import RateLimitedLog, configure_logging
 from .protocol import decode_frame, encode_fail, encode_okay, split_lines
 from .scheduler import SLICE_NS
 
@@ -133,6 +133,7 @@ class Worker:
                  max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES, max_session_bytes: int = DEFAULT_MAX_SESSION_BYTES):
         self.sock = sock
         self.claim_lock = claim_lock  # see ipc's docstring: taking jobs back
+        self.log_limit = RateLimitedLog()  # what it held back is logged after the next batch
         self.board = board  # an ipc.board_view
         self.journal = journal
         self.handlers = handlers
@@ -177,6 +178,7 @@ class Worker:
                     return
                 self.run_batch(self.take_sessions(message[1]))
             self.send_replies()
+            self.log_limit.flush()
 
     def send_replies(self) -> None:
         if self.replies:
@@ -349,21 +351,27 @@ class Worker:
         except SimpleRPCException as exc:
             answer = self.fail_answer(exc, op, conn)
         except Exception:  # the handler boundary: any other error is the handler's bug
-            log.exception("handler for op %r failed (net_id %s, pid %s)", op, conn.net_id, self.pid)
+            self._log_bug("failed", op, logging.ERROR, "handler for op %r failed (net_id %s, pid %s)",
+                          op, conn.net_id, self.pid, exc_info=True)
             answer = _UNKNOWN_ANSWER
         else:
             try:
                 answer = encode_okay(result)
             except (TypeError, ValueError, RecursionError) as exc:  # not JSON: an object, NaN, a cycle, too deep
-                log.error("handler for op %r returned data JSON cannot encode (net_id %s, pid %s): %s", op, conn.net_id, self.pid, exc)
+                self._log_bug("unencodable", op, logging.ERROR,
+                              "handler for op %r returned data JSON cannot encode (net_id %s, pid %s): %s",
+                              op, conn.net_id, self.pid, exc)
                 answer = _UNKNOWN_ANSWER
             except Exception:  # the result's own code raised while encoded (a dict subclass's items())
-                log.exception("handler for op %r returned data that failed to encode (net_id %s, pid %s)", op, conn.net_id, self.pid)
+                self._log_bug("encode failed", op, logging.ERROR,
+                              "handler for op %r returned data that failed to encode (net_id %s, pid %s)",
+                              op, conn.net_id, self.pid, exc_info=True)
                 answer = _UNKNOWN_ANSWER
         if len(answer) > self.max_answer_bytes:
             # Decided here, not by the acceptor's output limits: those close a connection, and
             # are for clients that don't read, not for one answer too large to send.
-            log.warning(
+            self._log_bug(
+                "too large", op, logging.WARNING,
                 "answer to op %r is %d bytes, over max_answer_bytes (%d); sending AnswerTooLarge (net_id %s, pid %s)",
                 op, len(answer), self.max_answer_bytes, conn.net_id, self.pid,
             )
@@ -382,6 +390,12 @@ class Worker:
                 conn.net_id, op, status, (time.perf_counter() - started) * 1000, self.pid,
             )
         return answer
+
+    def _log_bug(self, kind: str, op: str, level: int, msg: str, *args, **kwargs) -> None:
+        """Log a handler's bug at most about once a second per op and kind: a client calling a
+        failing op in a loop must not flood the log with tracebacks. (Ops without a handler of
+        their own share one key: their names come from clients.)"""
+        self.log_limit.log(log, (kind, op if op in self.ops else None), level, msg, *args, **kwargs)
 
     def fail_answer(self, exc: SimpleRPCException, op: str, conn: Conn) -> bytes:
         """The FAIL for a ``SimpleRPCException``; its reason is always a string on the wire."""

@@ -59,6 +59,31 @@ def test_one_line_per_second_per_kind_and_the_next_one_counts_what_was_left_out(
     assert len(lines) == 4
 
 
+def test_what_was_held_back_is_logged_by_flush_when_the_kind_never_recurs():
+    """A flood that stops: the owner's timer (armed through on_suppressed, once per held-back
+    run) calls flush a second later, which logs the last event held back with the count."""
+    logger, lines = make_logger()
+    clock = Clock()
+    armed = []
+    limit = RateLimitedLog(clock=clock, on_suppressed=lambda: armed.append(clock.now))
+    assert limit.log(logger, "refused", logging.WARNING, "refused %s", "a")
+    for i in range(5):
+        clock.now += 0.01
+        limit.log(logger, "refused", logging.WARNING, "refused %s", i)
+    assert len(armed) == 1 and len(lines) == 1
+    assert limit.flush() is True and len(lines) == 1  # not a second yet: still held back
+    clock.now = 1001.0
+    assert limit.flush() is False
+    assert lines[-1] == (logging.WARNING, "refused 4 (4 similar messages suppressed)", False)
+    assert limit.flush() is False and len(lines) == 2  # nothing left to say
+    clock.now += 0.5
+    limit.log(logger, "refused", logging.WARNING, "refused %s", "x")  # held back: a new run
+    assert len(armed) == 2
+    clock.now += 1
+    limit.flush()
+    assert lines[-1] == (logging.WARNING, "refused x", False)
+
+
 def test_a_level_that_is_off_costs_nothing_and_keyword_arguments_reach_the_logger():
     logger, lines = make_logger(logging.INFO)
     clock = Clock()
@@ -114,3 +139,16 @@ def test_a_flood_of_refused_connections_and_overlong_frames_writes_a_few_lines(s
     suppressed = sum(int(c) for c in counts if c)
     assert counts[-1] and len(counts) + suppressed == attempts, (counts, attempts)
     assert 1 <= len(OVERLONG.findall(server_log)) <= 3
+
+
+def test_a_client_calling_a_failing_op_in_a_loop_writes_a_few_tracebacks(start_server):
+    """Each handler failure used to log its traceback: 300 calls of a failing op, 300 tracebacks.
+    Now about one a second per op, and what was held back is counted (after the next batch)."""
+    server = start_server("--handlers", "tests.handlers.basic", workers=1)
+    with Raw(server) as raw:
+        answers = raw.exchange(b"boom{}\n" * 300, 300)
+        assert all(b'"reason":"Unknown"' in a for a in answers)
+    failures = re.findall(r"handler for op 'boom' failed.*?(?:\((\d+) similar messages suppressed\))?$",
+                          server.log(), re.M)
+    assert 1 <= len(failures) <= 5, len(failures)
+    assert server.log().count("ValueError: a handler bug") == len(failures)
