@@ -11,9 +11,10 @@ dies, the RPC it was running (and any it finished but had not yet sent) gets ``W
 or ``Timeout``; the RPCs it had not started go back in line for another worker.
 
 Which runnable job goes to which worker, and how much, is the scheduler's choice
-(``scheduler.py``); this module hands the batches out (``dispatch``), takes back work a worker has
-not started while its RPC runs long (``balance``, ``take_back``), and keeps ``spare_workers``
-booted workers in reserve that replace a lost or retiring worker at once (``manage``).
+(``scheduler.py``); handing the batches out, taking back work a worker has not started, and
+routing replies is ``dispatch.py`` (``Pool``'s base class). This module is the process side: it
+spawns, reaps, times out, recycles and reloads workers, and keeps ``spare_workers`` booted
+workers in reserve that replace a lost or retiring worker at once (``manage``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import time
 from collections import deque
 
 from . import ipc
-from .acceptor import Acceptor, Job, nth_line_end
+from .acceptor import Acceptor, Job
+from .dispatch import Dispatch
 from .errors import Timeout, WorkerCrashed
-from .scheduler import MAX_JOBS_PER_BATCH
 from .worker import worker_main
 
 log = logging.getLogger("simplerpc_mp.supervisor")
@@ -40,28 +41,8 @@ log = logging.getLogger("simplerpc_mp.supervisor")
 __all__ = ["Pool", "WorkerHandle", "FatalError", "UnguardedMainError", "EXIT_UNGUARDED_MAIN"]
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
-# At most this many batches sent to a worker and not yet fully answered. Two keep a worker fed
-# (it finds the next batch waiting when it finishes one) while letting batches grow under load,
-# since each pipe write wakes a worker and is the acceptor's largest per-batch cost.
-MAX_BATCHES_PER_WORKER = 2
-RECV_BYTES = 64 * 1024  # as in acceptor.py; larger replies arrive in several reads
 # After SIGUSR1 (stack dump) a timed-out worker gets this long before SIGKILL.
 DUMP_GRACE_S = 0.2
-# A worker with a batch still running is sent another only if its current RPC started less
-# than this long ago: work must not queue behind a long (or hung) RPC while a worker frees up.
-# 2 ms still lets batches of fast RPCs pipeline (an echo takes ~20 us); a worker on a slower
-# RPC gets its next batch when it has answered, one round trip (~0.1 ms) later.
-PREFETCH_MAX_AGE_NS = 2_000_000
-# Jobs a worker holds and has not started are taken back for an idle worker once the worker's
-# current RPC has run this long (see Pool.balance); with no worker idle, only once it has run
-# HUNG_AGE_NS (a hung handler with --timeout 0 must not keep them forever, and moving work from
-# one busy worker to another sooner only makes it bounce between them).
-TAKE_BACK_AGE_NS = 2_000_000
-HUNG_AGE_NS = 1_000_000_000
-# While a worker's RPC has run longer than HOLDBACK_NS, the answers it finished before that RPC
-# are taken from its journal every JOURNAL_SWEEP_S, instead of waiting for the slow one to end.
-HOLDBACK_NS = 2_000_000
-JOURNAL_SWEEP_S = 0.005
 # Crash-loop protection for workers that die before they finish booting, or this soon after.
 EARLY_DEATH_S = 1.0
 BOOT_FAILURES_FATAL = 5
@@ -152,7 +133,7 @@ class WorkerHandle:
         self.killed_for = ""  # why the supervisor killed it, if it did: its exit is no crash
 
 
-class Pool:
+class Pool(Dispatch):
     def __init__(self, settings, handlers_spec, selector: selectors.BaseSelector, timers, acceptor: Acceptor,
                  on_first_boot, on_all_booted):
         self.settings = settings
@@ -314,262 +295,7 @@ class Pool:
 
     # -- dispatching -------------------------------------------------------------------------
 
-    def dispatch(self) -> None:
-        """Take back what waits behind a long RPC (``balance``), then hand runnable jobs to
-        workers in batches, least-loaded worker first, in the fair order of the scheduler."""
-        scheduler = self.acceptor.scheduler
-        now_ns = time.monotonic_ns()
-        self.balance(now_ns)
-        if scheduler:
-            targets = [
-                w for w in self.workers
-                if w.accepting and w.booted and not w.spare and (
-                    not w.batches
-                    or (len(w.batches) < MAX_BATCHES_PER_WORKER and now_ns - w.board[ipc.BOARD_START_NS] < PREFETCH_MAX_AGE_NS)
-                )
-            ]
-            if len(targets) > 1:
-                targets.sort(key=_by_load)
-            for index, worker in enumerate(targets):
-                if not scheduler:
-                    break
-                share = -(-len(scheduler) // (len(targets) - index))
-                room = 0  # no cap
-                if worker.max_lines:
-                    room = worker.max_lines - worker.lines_sent
-                    if room <= 0:
-                        continue  # at its limit: retiring
-                batch = scheduler.take_batch(min(share, MAX_JOBS_PER_BATCH), room)
-                if batch:
-                    self.send_batch(worker, batch, now_ns)
-        self._set_yield_flags()
-
-    def balance(self, now_ns: int) -> None:
-        """Take back the jobs a worker has not started while its current RPC runs long, for an
-        idle worker (or from a worker that looks hung). Costs a few slot reads per worker."""
-        idle = sum(1 for w in self.workers if w.accepting and w.booted and not w.spare and not w.batches)
-        wake_at = 0
-        for worker in self.workers:
-            if worker.dead or not worker.booted or len(worker.jobs) < 2:
-                continue
-            board = worker.board
-            if not board[ipc.BOARD_JOB]:
-                continue
-            started = board[ipc.BOARD_START_NS]
-            due = started + (TAKE_BACK_AGE_NS if idle else HUNG_AGE_NS)
-            if now_ns < due:
-                wake_at = due if not wake_at else min(wake_at, due)
-            elif not self.take_back(worker):
-                wake_at = now_ns + 1_000_000  # its claim lock was busy: try again soon
-            elif idle:
-                idle -= 1  # that idle worker gets what was taken back
-        if wake_at and (self._wake_timer is None or self._wake_timer.when > wake_at / 1e9):
-            if self._wake_timer is not None:
-                self._wake_timer.cancel()
-            self._wake_timer = self.timers.call_at(wake_at / 1e9, self._wake)
-
-    def _set_yield_flags(self) -> None:
-        """Tell every worker whether work waits for a worker (runnable here, or sent to a worker
-        behind the RPC it runs): a worker then cuts a long serial job at a time slice."""
-        contended = 1 if self.acceptor.scheduler or any(len(w.jobs) > 1 for w in self.workers) else 0
-        for worker in self.workers:
-            if worker.yield_flag != contended and not worker.dead and worker.board is not None:
-                worker.board[ipc.BOARD_YIELD] = contended
-                worker.yield_flag = contended
-
-    def _wake(self) -> None:
-        """Timer: nothing to do but wake the loop, whose pass ends in ``dispatch``."""
-        self._wake_timer = None
-
-    def take_back(self, worker: WorkerHandle) -> bool:
-        """Take back the jobs the worker has not started (see ipc's docstring); False if its
-        claim lock was busy this instant (the worker was claiming a job)."""
-        if not worker.claim_lock.acquire(False):
-            return False
-        try:
-            claimed = worker.board[ipc.BOARD_CLAIMED]
-            jobs = worker.jobs
-            taken = []
-            while jobs and jobs[-1].job_id > claimed:
-                taken.append(jobs.pop())
-            if taken:
-                worker.board[ipc.BOARD_REVOKED] = taken[0].job_id
-        finally:
-            worker.claim_lock.release()
-        if not taken:
-            return True
-        taken.reverse()
-        self.taken_back += len(taken)
-        lines = sum(job.count for job in taken)
-        worker.load -= lines
-        worker.lines_sent -= lines
-        last = jobs[-1].job_id if jobs else 0
-        batches = worker.batches
-        while batches and batches[-1] > last:
-            batches.pop()
-        if jobs and (not batches or batches[-1] < last):
-            batches.append(last)  # its current batch now ends with the job it runs
-        log.debug("took %d jobs back from worker %s (pid %s): its RPC runs long", len(taken), worker.worker_id, worker.pid)
-        self.acceptor.take_back(taken)
-        self._stop_if_done(worker)
-        return True
-
-    def send_batch(self, worker: WorkerHandle, batch: list[Job], now_ns: int = 0) -> None:
-        items = []
-        lines = 0
-        job_id = self.next_job_id
-        now_ns = now_ns or time.monotonic_ns()
-        for job in batch:
-            job.job_id = job_id
-            job.sent_ns = now_ns
-            job_id += 1
-            lines += job.count
-            session = job.conn.session
-            if session is not None or job.kind == ipc.DISCONNECT:
-                session = self._session_for(worker, job)
-            items.append((job.job_id, job.kind, job.conn.net_id, job.payload, session))
-        self.next_job_id = job_id
-        worker.jobs.extend(batch)
-        worker.batches.append(job_id - 1)
-        worker.load += lines
-        worker.lines_sent += lines
-        self._write(worker, ipc.frame_record(ipc.pack((ipc.BATCH, items))))
-        if worker.sweep_timer is None and _may_hold_back(worker):
-            worker.sweep_timer = self.timers.call_later(JOURNAL_SWEEP_S, self.sweep_journal, worker)
-        if worker.check_timer is None and self.min_timeout_s > 0:
-            worker.check_timer = self.timers.call_later(self.min_timeout_s, self.check_deadline, worker)
-        if worker.max_lines and worker.lines_sent >= worker.max_lines:
-            self.recycle(worker, f"served max_requests ({worker.max_lines})")
-
-    @staticmethod
-    def _session_for(worker: WorkerHandle, job: Job):
-        """The job's session as this worker is sent it: ``HELD`` if it has the current one."""
-        conn = job.conn
-        return worker.sessions.ship(conn.net_id, job.kind, conn.session_version, conn.session)
-
-    def _write(self, worker: WorkerHandle, data: bytes) -> None:
-        if worker.wbuf:
-            worker.wbuf += data
-            return
-        try:
-            sent = worker.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return  # the worker died; its sentinel will tell, and its jobs are recovered then
-        if sent < len(data):
-            worker.wbuf += data[sent:]
-            self.selector.modify(worker.sock, READ | WRITE, worker)
-
-    def on_writable(self, worker: WorkerHandle) -> None:
-        if worker.dead:
-            return
-        try:
-            sent = worker.sock.send(worker.wbuf)
-        except BlockingIOError:
-            return
-        except OSError:
-            sent = len(worker.wbuf)
-        del worker.wbuf[:sent]
-        if not worker.wbuf:
-            self.selector.modify(worker.sock, READ, worker)
-
     # -- what workers send -------------------------------------------------------------------
-
-    def on_readable(self, worker: WorkerHandle) -> None:
-        if worker.dead:
-            return
-        try:
-            data = worker.sock.recv(RECV_BYTES)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.selector.unregister(worker.sock)  # EOF: the sentinel will report the exit
-            worker.dead = True
-            return
-        self._handle_records(worker, data)
-
-    def _handle_records(self, worker: WorkerHandle, data: bytes) -> None:
-        for record in worker.reader.feed(data):
-            message = ipc.unpack(record)
-            tag = message[0]
-            if tag == ipc.REPLY:
-                self._apply_replies(worker, message[1])
-                self._stop_if_done(worker)
-            elif tag == ipc.GIVE_BACK:
-                self._on_give_back(worker, message[1], message[2])
-                self._stop_if_done(worker)
-            elif tag == ipc.HELLO:
-                self._on_hello(worker, message[2])
-            elif tag == ipc.BOOT_ERROR:
-                worker.boot_error = message[1]
-
-    def _apply_replies(self, worker: WorkerHandle, replies: list) -> None:
-        """Route replies to their connections; a job whose last answer came is done.
-
-        A worker runs its jobs in order, so the pipe brings each reply for its oldest job, line
-        after line. Journal records (read after a death, or from a live worker during a slow RPC)
-        may repeat what the pipe brought, or run ahead of pipe data not read yet: only the reply
-        that starts at, or spans, the next unanswered line is applied (from that line on); the
-        pipe brings the rest later, in order.
-        """
-        acceptor = self.acceptor
-        jobs = worker.jobs
-        finished = []
-        for job_id, first, count, answers, pushes, session in replies:
-            if not jobs or jobs[0].job_id != job_id:
-                continue
-            job = jobs[0]
-            if first != job.answered:
-                if not first < job.answered < first + count:
-                    continue
-                # A pipe reply for several lines whose first ones the journal delivered already:
-                # those lines' pushes and session change came with them; take the rest.
-                skip = job.answered - first
-                answers = answers[nth_line_end(answers, skip) + 1 :]
-                first, count, pushes, session = job.answered, count - skip, (), ipc.UNCHANGED
-            acceptor.on_reply(job, first, count, answers, pushes, session)
-            job.answered += count
-            worker.load -= count
-            if job.answered >= job.count:
-                jobs.popleft()
-                if worker.batches and worker.batches[0] == job_id:
-                    worker.batches.popleft()
-                finished.append(job)
-                acceptor.job_done(job)
-        if finished:
-            # The jobs that finished in one reply share its time evenly per line: the worker
-            # sends several jobs' answers at once, so a per-job clock would charge the first.
-            now_ns = time.monotonic_ns()
-            elapsed = now_ns - max(finished[0].sent_ns, worker.last_done_ns)
-            worker.last_done_ns = now_ns
-            lines = sum(job.count for job in finished)
-            if lines:
-                acceptor.scheduler.measured(finished, elapsed / lines)
-
-    def _stop_if_done(self, worker: WorkerHandle) -> None:
-        """A retiring worker that holds nothing more (answered, given or taken back) is stopped."""
-        if not worker.jobs and worker.stopping is False and not worker.accepting and not worker.dead and worker.timed_out is None:
-            self._send_stop(worker)
-
-    def _on_give_back(self, worker: WorkerHandle, job_id: int, line: int) -> None:
-        """The worker cut a long job at a time slice: lines ``line ..`` go to the next turn."""
-        jobs = worker.jobs
-        job = jobs[0] if jobs else None
-        if job is None or job.job_id != job_id or job.answered != line:
-            # Its replies for the lines before come first on the pipe, so this can't happen.
-            raise RuntimeError(f"worker {worker.worker_id} gave back line {line} of job {job_id} out of turn")
-        jobs.popleft()
-        if worker.batches and worker.batches[0] == job_id:
-            worker.batches.popleft()
-        rest = job.count - line
-        self.given_back += 1
-        worker.load -= rest
-        worker.lines_sent -= rest
-        worker.last_done_ns = time.monotonic_ns()
-        self.acceptor.give_back(job, line)
 
     def _on_hello(self, worker: WorkerHandle, info: dict) -> None:
         worker.booted = True
@@ -709,16 +435,6 @@ class Pool:
         worker.process.close()
         worker.board = worker.journal = None
 
-    def _drain(self, worker: WorkerHandle) -> None:
-        while True:
-            try:
-                data = worker.sock.recv(RECV_BYTES)
-            except (BlockingIOError, OSError):
-                return
-            if not data:
-                return
-            self._handle_records(worker, data)
-
     def _describe_running(self, worker: WorkerHandle) -> str:
         if not worker.jobs:
             return ""
@@ -828,15 +544,6 @@ class Pool:
 
     def _has_old_generation(self) -> bool:
         return any(w.generation < self.generation for w in self.workers)
-
-    def sweep_journal(self, worker: WorkerHandle) -> None:
-        """Timer: deliver answers a busy worker finished but keeps back while a slow RPC runs."""
-        worker.sweep_timer = None
-        if worker.dead or not _may_hold_back(worker):
-            return  # (send_batch arms the timer again when there is something to hold back)
-        if time.monotonic_ns() - worker.board[ipc.BOARD_START_NS] > HOLDBACK_NS:
-            self._apply_replies(worker, ipc.read_journal(worker.journal, worker.board))
-        worker.sweep_timer = self.timers.call_later(JOURNAL_SWEEP_S, self.sweep_journal, worker)
 
     # -- deadlines ---------------------------------------------------------------------------
 
@@ -1016,16 +723,6 @@ def _unguarded_main_message() -> str:
         f"{script} starts the server when it is imported, and each worker process imports it again: "
         'put the code that starts the server under `if __name__ == "__main__":`'
     )
-
-
-def _may_hold_back(worker: WorkerHandle) -> bool:
-    """Could the worker hold a finished answer back behind a slow RPC? Not with one line and
-    one job: then the running RPC is all it has (the CPU-heavy case: no sweeps, no wake-ups)."""
-    return worker.load > 1 or len(worker.jobs) > 1
-
-
-def _by_load(worker: WorkerHandle) -> tuple:
-    return (len(worker.batches), worker.load)
 
 
 def _describe_exit(code: int | None) -> str:
