@@ -100,7 +100,7 @@ class Job:
 
     def rest(self, from_line: int) -> "Job":
         """A fresh job for this job's lines from ``from_line`` on (they never started), to take
-        its place: the connection's running counts don't change."""
+        its place (the caller keeps the connection's running counts right)."""
         payload = self.payload[nth_line_end(self.payload, from_line) + 1 :] if from_line else self.payload
         return Job(self.conn, self.kind, self.first + from_line, self.count - from_line, payload)
 

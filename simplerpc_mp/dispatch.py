@@ -48,6 +48,8 @@ HUNG_AGE_NS = 1_000_000_000
 # are taken from its journal every JOURNAL_SWEEP_S, instead of waiting for the slow one to end.
 HOLDBACK_NS = 2_000_000
 JOURNAL_SWEEP_S = 0.005
+# BOARD_REVOKED of a worker that must start nothing more (job ids never get near it).
+REVOKE_ALL = 2**62
 
 
 class Dispatch:
@@ -64,7 +66,7 @@ class Dispatch:
         if scheduler:
             targets = [
                 w for w in self.workers
-                if w.accepting and w.booted and not w.spare and (
+                if w.accepting and w.booted and not w.spare and not w.dead and (
                     not w.batches
                     or (len(w.batches) < MAX_BATCHES_PER_WORKER and now_ns - w.board[ipc.BOARD_START_NS] < PREFETCH_MAX_AGE_NS)
                 )
@@ -79,7 +81,7 @@ class Dispatch:
                 if worker.max_lines:
                     room = worker.max_lines - worker.lines_sent
                     if room <= 0:
-                        continue  # at its limit: retiring
+                        continue  # (send_batch retires a worker at its limit; 0 would mean no cap)
                 batch = scheduler.take_batch(min(share, MAX_JOBS_PER_BATCH), room)
                 if batch:
                     self.send_batch(worker, batch, now_ns)
@@ -88,11 +90,12 @@ class Dispatch:
     def balance(self, now_ns: int) -> None:
         """Take back the jobs a worker has not started while its current RPC runs long, for an
         idle worker (or from a worker that looks hung). Costs a few slot reads per worker."""
-        idle = sum(1 for w in self.workers if w.accepting and w.booted and not w.spare and not w.batches)
+        holding = [w for w in self.workers if len(w.jobs) > 1 and not w.dead and w.booted]
+        if not holding:
+            return
+        idle = sum(1 for w in self.workers if w.accepting and w.booted and not w.spare and not w.dead and not w.batches)
         wake_at = 0
-        for worker in self.workers:
-            if worker.dead or not worker.booted or len(worker.jobs) < 2:
-                continue
+        for worker in holding:
             board = worker.board
             if not board[ipc.BOARD_JOB]:
                 continue
@@ -100,10 +103,12 @@ class Dispatch:
             due = started + (TAKE_BACK_AGE_NS if idle else HUNG_AGE_NS)
             if now_ns < due:
                 wake_at = due if not wake_at else min(wake_at, due)
-            elif not self.take_back(worker):
-                wake_at = now_ns + 1_000_000  # its claim lock was busy: try again soon
-            elif idle:
-                idle -= 1  # that idle worker gets what was taken back
+            else:
+                taken = self.take_back(worker)
+                if taken is None:
+                    wake_at = now_ns + 1_000_000  # its claim lock was busy: try again soon
+                elif taken and idle:
+                    idle -= 1  # that idle worker gets what was taken back
         if wake_at and (self._wake_timer is None or self._wake_timer.when > wake_at / 1e9):
             if self._wake_timer is not None:
                 self._wake_timer.cancel()
@@ -113,8 +118,12 @@ class Dispatch:
         """Tell every worker whether work waits for a worker (runnable here, or sent to a worker
         behind the RPC it runs): a worker then cuts a long serial job at a time slice."""
         contended = 1 if self.acceptor.scheduler or any(len(w.jobs) > 1 for w in self.workers) else 0
+        if contended == self._contended:
+            return
+        self._contended = contended
         for worker in self.workers:
-            if worker.yield_flag != contended and not worker.dead and worker.board is not None:
+            # (a timed-out worker keeps its 1: it must give back the rest of its job)
+            if worker.yield_flag != contended and not worker.dead and worker.board is not None and worker.timed_out is None:
                 worker.board[ipc.BOARD_YIELD] = contended
                 worker.yield_flag = contended
 
@@ -122,23 +131,26 @@ class Dispatch:
         """Timer: nothing to do but wake the loop, whose pass ends in ``dispatch``."""
         self._wake_timer = None
 
-    def take_back(self, worker: WorkerHandle) -> bool:
-        """Take back the jobs the worker has not started (see ipc's docstring); False if its
-        claim lock was busy this instant (the worker was claiming a job)."""
+    def take_back(self, worker: WorkerHandle, revoke_all: bool = False) -> int | None:
+        """Take back the jobs the worker has not started (see ipc's docstring): how many, or
+        None if its claim lock was busy this instant (the worker was claiming a job).
+        ``revoke_all``: it may start no job sent later either (it is about to be killed)."""
         if not worker.claim_lock.acquire(False):
-            return False
+            return None
         try:
             claimed = worker.board[ipc.BOARD_CLAIMED]
             jobs = worker.jobs
             taken = []
             while jobs and jobs[-1].job_id > claimed:
                 taken.append(jobs.pop())
-            if taken:
+            if revoke_all:
+                worker.board[ipc.BOARD_REVOKED] = REVOKE_ALL
+            elif taken:
                 worker.board[ipc.BOARD_REVOKED] = taken[0].job_id
         finally:
             worker.claim_lock.release()
         if not taken:
-            return True
+            return 0
         taken.reverse()
         self.taken_back += len(taken)
         lines = sum(job.count for job in taken)
@@ -150,10 +162,10 @@ class Dispatch:
             batches.pop()
         if jobs and (not batches or batches[-1] < last):
             batches.append(last)  # its current batch now ends with the job it runs
-        log.debug("took %d jobs back from worker %s (pid %s): its RPC runs long", len(taken), worker.worker_id, worker.pid)
+        log.debug("took %d jobs back from worker %s (pid %s)", len(taken), worker.worker_id, worker.pid)
         self.acceptor.take_back(taken)
         self._stop_if_done(worker)
-        return True
+        return len(taken)
 
     def send_batch(self, worker: WorkerHandle, batch: list[Job], now_ns: int = 0) -> None:
         items = []
@@ -298,8 +310,14 @@ class Dispatch:
         jobs = worker.jobs
         job = jobs[0] if jobs else None
         if job is None or job.job_id != job_id or job.answered != line:
-            # Its replies for the lines before come first on the pipe, so this can't happen.
-            raise RuntimeError(f"worker {worker.worker_id} gave back line {line} of job {job_id} out of turn")
+            # Its replies for the lines before come first on the pipe, so this can't happen;
+            # if it does, the worker is out of step: replace it (its jobs are recovered then).
+            log.error("worker %s (pid %s) gave back line %s of job %s out of turn; replacing it",
+                      worker.worker_id, worker.pid, line, job_id)
+            worker.accepting = False
+            worker.killed_for = "out of step with the acceptor"
+            worker.process.kill()
+            return
         jobs.popleft()
         if worker.batches and worker.batches[0] == job_id:
             worker.batches.popleft()

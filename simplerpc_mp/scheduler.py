@@ -22,7 +22,7 @@ Theory of operation:
    batches. A connection not measured yet is assumed slow: its first job goes alone.
 3. Jobs taken back from a worker that had not started them (``Pool.take_back``) return to the
    front of their connection's queue, and a connection that had nothing else runnable to the
-   front of ``new``: they have waited already. The rest of a long serial backlog that a worker
+   front of its ring (``new`` if nothing more of it is queued): they have waited already. The rest of a long serial backlog that a worker
    gave back at ``SLICE_NS`` (``Pool._on_give_back``) has just had its turn: it queues like any
    job of a busy connection, at the back of ``old``.
 """
@@ -66,11 +66,15 @@ class Scheduler:
         self.count += 1
         if not conn.scheduled:
             conn.scheduled = True
-            # Nothing of it on a worker: a sparse flow, served first.
-            (self.new if conn.running == len(conn.runnable) else self.old).append(conn)
+            # Nothing of it on a worker and nothing queued behind: a sparse flow, served first.
+            # (A pipelining serial client has one job runnable at a time, and the rest queued.)
+            sparse = conn.running == len(conn.runnable) and not conn.queue
+            (self.new if sparse else self.old).append(conn)
 
     def push_taken_back(self, jobs: list) -> None:
-        """Jobs that were on a worker and come back unstarted: first in line again, in seq order."""
+        """Jobs that were on a worker and come back unstarted, first in their connection's queue
+        (in seq order); a connection with nothing else runnable goes first of its ring: of
+        ``new`` when nothing more of it is queued (a light client's RPC), else of ``old``."""
         for job in sorted(jobs, key=_by_seq, reverse=True):
             conn = job.conn
             runnable = conn.runnable
@@ -81,7 +85,7 @@ class Scheduler:
             self.count += 1
             if not conn.scheduled:
                 conn.scheduled = True
-                self.new.appendleft(conn)
+                (self.old if conn.queue else self.new).appendleft(conn)
 
     def push_given_back(self, job) -> None:
         """The unstarted rest of a serial job cut at a time slice: it has had its turn."""

@@ -162,6 +162,8 @@ class Pool(Dispatch):
         self.given_back = 0  # job rests a worker gave back at a time slice
         self._memory_timer = None
         self._wake_timer = None  # wakes the loop when a take-back may become due
+        self._contended = -1  # what the workers' BOARD_YIELD says (-1: to be written again)
+        self._managing = False
         self._fd_reserve: list[int] = []  # see SPAWN_RESERVE_FDS
 
     # -- spawning ----------------------------------------------------------------------------
@@ -238,6 +240,7 @@ class Pool(Dispatch):
         worker = WorkerHandle(worker_id, process, ours, ipc.board_view(board), journal, self.generation, max_lines,
                               claim_lock, spare)
         self.workers.append(worker)
+        self._contended = -1  # its board's BOARD_YIELD is still to be written
         self.selector.register(ours, READ, worker)
         self.selector.register(process.sentinel, READ, Sentinel(worker))
         if settings.boot_timeout > 0:
@@ -257,8 +260,15 @@ class Pool(Dispatch):
         """Bring the serving workers to the target and the spares to ``spare_workers``
         (gunicorn's manage_workers). A serving worker that is missing is replaced by a spare at
         once (a booted one first); spares are then made up in the background."""
-        if self.shutting_down:
-            return
+        if self.shutting_down or self._managing:
+            return  # (retire() calls manage(): the outer call's counts already hold that worker)
+        self._managing = True
+        try:
+            self._manage()
+        finally:
+            self._managing = False
+
+    def _manage(self) -> None:
         current = [w for w in self.workers if w.accepting and w.generation == self.generation]
         serving = [w for w in current if not w.spare]
         spares = sorted((w for w in current if w.spare), key=lambda w: not w.booted)
@@ -298,6 +308,10 @@ class Pool(Dispatch):
     # -- what workers send -------------------------------------------------------------------
 
     def _on_hello(self, worker: WorkerHandle, info: dict) -> None:
+        if worker.killed_for:
+            # Condemned by boot_timeout (or superseded) before its HELLO came: it gets no jobs,
+            # and its kill, already on its way, counts as the boot failure it is.
+            return
         worker.booted = True
         worker.booted_at = time.monotonic()
         if worker.boot_timer is not None:
@@ -309,7 +323,7 @@ class Pool(Dispatch):
         if self.settings.timeout > 0:
             timeouts.append(self.settings.timeout)
         self.min_timeout_s = min(timeouts) if timeouts else 0.0
-        if worker.spare:
+        if worker.spare and worker.accepting:
             # A spare that boots before a serving worker of its generation takes that one's
             # place: capacity comes first, the other becomes the spare once it boots.
             for other in self.workers:
@@ -350,8 +364,8 @@ class Pool(Dispatch):
 
     def recycle(self, worker: WorkerHandle, reason: str, level: int = logging.INFO) -> None:
         """Retire a worker at its limit (max_requests, max_worker_memory): it takes nothing more,
-        finishes what it holds and leaves. A spare takes its place at once; without spares the
-        replacement boots first (gunicorn's semantics: capacity dips meanwhile)."""
+        finishes what it holds and leaves. A spare takes its place at once; without spares a
+        replacement starts now and capacity dips until it has booted (gunicorn's semantics)."""
         self.retire(worker, reason, level)
 
     # -- stopping and losing workers --------------------------------------------------------
@@ -592,7 +606,19 @@ class Pool(Dispatch):
         except ProcessLookupError:
             return
         worker.kill_timer = self.timers.call_later(DUMP_GRACE_S, self._kill, worker)
+        self._condemn(worker)
         self.manage()
+
+    def _condemn(self, worker: WorkerHandle) -> None:
+        """A worker about to be killed starts nothing more: whatever it has not started goes to
+        other workers (the rest of a serial job too, given back at its next line), so only the
+        RPC that timed out fails. Retried each millisecond while its claim lock is busy."""
+        if worker.dead or worker.board is None:
+            return
+        worker.board[ipc.BOARD_YIELD] = 1  # (_set_yield_flags leaves a timed-out worker's alone)
+        worker.yield_flag = 1
+        if self.take_back(worker, revoke_all=True) is None:
+            self.timers.call_later(0.001, self._condemn, worker)
 
     # -- memory ------------------------------------------------------------------------------
 

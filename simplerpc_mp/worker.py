@@ -249,8 +249,7 @@ class Worker:
             if not self.claim(job_id):
                 continue  # taken back: another worker runs it
             board[ipc.BOARD_LINE] = 0
-            job_start = clock()
-            board[ipc.BOARD_START_NS] = job_start
+            board[ipc.BOARD_START_NS] = clock()
             board[ipc.BOARD_TIMEOUT_MS] = self.default_timeout_ms
             board[ipc.BOARD_JOB] = job_id
             session = pickle.loads(session_blob) if session_blob else {}
@@ -261,12 +260,14 @@ class Worker:
                 continue
             conn = Conn(net_id, session, pushes, read_only=kind == ipc.CONCURRENT, push_limit=self.push_limit)
             tracks_session = kind != ipc.CONCURRENT
-            for index, line in enumerate(split_lines(payload)):
+            lines = split_lines(payload)
+            job_start = clock()  # its time slice counts the lines, not the session's unpickling
+            for index, line in enumerate(lines):
                 if index:
                     now = clock()
                     if now - job_start > SLICE_NS and board[ipc.BOARD_YIELD]:
                         # A long backlog, and others wait: the rest goes back to the acceptor,
-                        # which gives it the next turn (keeping the connection's order).
+                        # in line again after the other connections' turns (in its own order).
                         self.send_replies()
                         self.sock.sendall(ipc.frame_record(ipc.pack((ipc.GIVE_BACK, job_id, index))))
                         break
