@@ -670,11 +670,17 @@ def table_lines(results: dict, columns: list[str], workers: int) -> list[Line]:
             bound = ">=" if not prefix and r["light_waiting_ms"] and r["light_waiting_ms"] >= p99 else ""
             return f"{_ms(p50)} / {bound}{_ms(p99)} ({p50 / HANDLER_MS:.1f}x / {bound}{p99 / HANDLER_MS:.1f}x)"
 
+        # The light client's RPCs are work too: served at once, it takes its share of the two
+        # cores (about an eighth here), which FCFS denies it; "unchanged" compares the totals.
+        def total_rate(r):
+            return r["heavy_rate"] + r["light_answered"] / r["window_s"]
+
         def heavy(r, kind, key=key):
             pool = results.get((*key, "pool"))
+            text = f"{total_rate(r):,.0f} ({r['heavy_rate']:,.0f}"
             if kind == "pool" or not pool or not pool.get("heavy_rate"):
-                return f"{r['heavy_rate']:,.0f}"
-            return f"{r['heavy_rate']:,.0f} ({r['heavy_rate'] / pool['heavy_rate']:.2f}x pool)"
+                return text + ")"
+            return text + f"; {total_rate(r) / total_rate(pool):.2f}x pool)"
 
         mp, pool = mp_row(key), results.get((*key, "pool"))
         lines.append(Line(f"fairness, {k} heavy", "light p50 / p99 ms (x handler)", cells(key, light),
@@ -682,8 +688,8 @@ def table_lines(results: dict, columns: list[str], workers: int) -> list[Line]:
                           mp["light_p99_ms"] <= 2.5 * HANDLER_MS if mp else None, checks(key)))
         lines.append(Line("", "light: wait to start, same", cells(key, lambda r, kind: light(r, kind, "wait_")),
                           "the scheduler's part"))
-        ratio = mp["heavy_rate"] / pool["heavy_rate"] if mp and pool and pool.get("heavy_rate") else None
-        lines.append(Line("", "heavy clients' RPC/s", cells(key, heavy), f"{workers / HANDLER_MS * 1e3:,.0f} ideal",
+        ratio = total_rate(mp) / total_rate(pool) if mp and pool and pool.get("heavy_rate") else None
+        lines.append(Line("", "RPC/s: heavy + light (heavy alone)", cells(key, heavy), f"{workers / HANDLER_MS * 1e3:,.0f} ideal",
                           ">= 0.95x pool", ratio >= 0.95 if ratio else None))
 
     def stall(name, label, figure, cell, goal, met_of):
