@@ -143,6 +143,24 @@ class RunningServer:
         os.unlink(self.log_file.name)
 
 
+def kill_process_tree(proc: subprocess.Popen) -> None:
+    """Kill a child process and every process under it (a test's script and its workers), and
+    wait for them: teardown, also after a failed test."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=10)
+
+
 def _is_worker(process: psutil.Process) -> bool:
     try:
         command = " ".join(process.cmdline())

@@ -28,7 +28,7 @@ import pytest
 from simplerpc_mp import Client, RemoteError
 from simplerpc_mp.config import load_toml, resolve
 
-from .conftest import REPO, wait_until
+from .conftest import REPO, kill_process_tree, wait_until
 
 README = REPO / "README.md"
 RUN_TIMEOUT_S = 60.0
@@ -129,19 +129,7 @@ def _listening_port(pid: int) -> int:
 
 def _end(proc: subprocess.Popen) -> None:
     """Kill the script and whatever it started, if it is still there (a failed test)."""
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-    for child in tree:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=10)
+    kill_process_tree(proc)
 
 
 def _run_client(code: str, tmp_path: Path, start_server) -> None:

@@ -28,28 +28,34 @@ def started_between(conns: list[RawConn], after_ns: int, before_ns: int) -> int:
     )
 
 
-@pytest.mark.parametrize("heavy_clients", [1, 10])
-def test_a_light_client_is_served_before_the_heavy_clients_backlog(start_server, heavy_clients):
-    """Heavy clients pipeline 120 concurrent 2.5 ms RPCs between them; once each has had its
-    first turn (so all of them keep work queued), a light client sends one. Before its RPC starts, only a few of the heavy RPCs queued ahead of it may
-    start (a worker's current and next one), not the backlog (first come, first served ran ~100)."""
-    server = serve(start_server, "--handlers", SCHED)
-    heavy = [RawConn(server) for _ in range(heavy_clients)]
-    per_client = 120 // heavy_clients
-    frames = [[("spin", {"ms": 2.5, "i": i}) for i in range(per_client)] for _ in heavy]
+def heavy_rpcs_ahead_of_a_light_one(server, heavy: list[RawConn], frames: list, light_frame: tuple) -> int:
+    """The heavy clients send their backlogs; once each has had its first turn (so all of them
+    keep work queued), a light client sends one RPC. Every answer is checked; returns how many
+    heavy RPCs started between the light RPC's sending and its start."""
     for conn, fr in zip(heavy, frames):
         conn.send(fr + [end_marker(len(fr))])
-    # Every heavy client has had a turn: each is now a client that keeps work queued.
     drive(heavy, lambda: all(c.answers for c in heavy), timeout=30)
     light = RawConn(server)
     sent_ns = time.monotonic_ns()
-    light.send([("spin", {"ms": 2.5, "i": 0})])
+    light.send([light_frame])
     drive(heavy + [light], lambda: light.answers, timeout=30)
     light_start = light.answers[0][1]["start_ns"]
     drive(heavy, all_answered(heavy), timeout=60)
     for conn, fr in zip(heavy, frames):
         assert check_answers(conn, fr, allowed_fail=()) == []
-    ahead = started_between(heavy, sent_ns, light_start)
+    return started_between(heavy, sent_ns, light_start)
+
+
+@pytest.mark.parametrize("heavy_clients", [1, 10])
+def test_a_light_client_is_served_before_the_heavy_clients_backlog(start_server, heavy_clients):
+    """Heavy clients pipeline 120 concurrent 2.5 ms RPCs between them, then a light client sends
+    one. Before its RPC starts, only a few of the heavy RPCs queued ahead of it may start (a
+    worker's current and next one), not the backlog (first come, first served ran ~100)."""
+    server = serve(start_server, "--handlers", SCHED)
+    heavy = [RawConn(server) for _ in range(heavy_clients)]
+    per_client = 120 // heavy_clients
+    frames = [[("spin", {"ms": 2.5, "i": i}) for i in range(per_client)] for _ in heavy]
+    ahead = heavy_rpcs_ahead_of_a_light_one(server, heavy, frames, ("spin", {"ms": 2.5, "i": 0}))
     assert ahead <= 6, f"{ahead} heavy RPCs started between the light RPC's arrival and its start"
     finish(server)
 
@@ -60,18 +66,7 @@ def test_a_serial_backlog_is_cut_at_a_time_slice(start_server):
     server = serve(start_server, "--handlers", SCHED)
     heavy = [RawConn(server) for _ in range(2)]
     frames = [[("sspin", {"ms": 20, "i": i}) for i in range(30)] for _ in heavy]
-    for conn, fr in zip(heavy, frames):
-        conn.send(fr + [end_marker(len(fr))])
-    drive(heavy, lambda: all(c.answers for c in heavy), timeout=30)
-    light = RawConn(server)
-    sent_ns = time.monotonic_ns()
-    light.send([("stamp", {"i": 0})])
-    drive(heavy + [light], lambda: light.answers, timeout=30)
-    light_start = light.answers[0][1]["start_ns"]
-    drive(heavy, all_answered(heavy), timeout=60)
-    for conn, fr in zip(heavy, frames):
-        assert check_answers(conn, fr, allowed_fail=()) == []
-    ahead = started_between(heavy, sent_ns, light_start)
+    ahead = heavy_rpcs_ahead_of_a_light_one(server, heavy, frames, ("stamp", {"i": 0}))
     assert ahead <= 4, f"{ahead} backlog RPCs started between the light RPC's arrival and its start"
     finish(server)
 

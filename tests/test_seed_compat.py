@@ -25,7 +25,7 @@ import time
 import pytest
 
 from simplerpc_mp import Client
-from tests.conftest import REPO, RunningServer
+from tests.conftest import REPO, RunningServer, kill_process_tree
 
 
 class MessageHandler:
@@ -310,21 +310,7 @@ def run_script(tmp_path, source: str, name: str = "sample.py") -> subprocess.Pop
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    import psutil
-
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
-    for child in tree:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=10)
+    kill_process_tree(proc)
     proc.stdout.close()
 
 
