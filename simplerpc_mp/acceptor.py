@@ -184,6 +184,7 @@ class Acceptor:
         self.holders = 0  # connections with request_bytes > 0, for the equal share of the budget
         self.output_bytes = 0  # sum of len(conn.wbuf) + conn.done_bytes
         self.paused: set[Connection] = set()
+        self.partial_reader: Connection | None = None  # see _may_read_alone
         self.apply_settings(settings)
 
     def apply_settings(self, settings) -> None:
@@ -356,7 +357,8 @@ class Acceptor:
             return
         # More than an equal share of the budget: checked per read, so every connection that
         # grows past its share is stopped at once, and one that holds little is never stopped.
-        if self.request_bytes > self.max_total_request and conn.request_bytes * self.holders > self.max_total_request:
+        if (self.request_bytes > self.max_total_request and conn.request_bytes * self.holders > self.max_total_request
+                and not self._may_read_alone(conn)):
             self._pause(conn)
         elif conn.unanswered >= self.max_inflight:
             self._set_events(conn, conn.events & ~READ)  # TCP back-pressure until answers drain
@@ -442,6 +444,35 @@ class Acceptor:
                 # It holds nothing now, so it is the lightest: read it, whatever the others hold.
                 self._resume(conn)
 
+    def _may_read_alone(self, conn: Connection) -> bool:
+        """May this connection be read past the budget? Yes for one connection at a time whose
+        only held bytes are an unfinished line: nothing but reading it can ever release them (no
+        job of it is running), so if all paused connections were like it, none would ever be
+        read again and their RPCs never answered. Reading one at a time still bounds memory:
+        its line is at most max_frame_bytes, and once complete it runs and is released."""
+        if conn.running or conn.queue or not conn.request_bytes:
+            return False
+        reader = self.partial_reader
+        if (reader is not None and reader is not conn and reader.state == OPEN and not reader.paused
+                and reader.request_bytes and not reader.running and not reader.queue):
+            return False  # another one has the turn
+        self.partial_reader = conn
+        return True
+
+    def _pass_reading_turn(self) -> None:
+        """The connection that had the turn of ``_may_read_alone`` completed its line or went:
+        give the turn to a paused one holding only an unfinished line, if any (a scan of the
+        paused, only when the turn changes hands)."""
+        reader = self.partial_reader
+        if not self.paused or (reader is not None and reader.state == OPEN and not reader.paused
+                               and reader.request_bytes and not reader.running and not reader.queue):
+            return
+        self.partial_reader = None
+        for conn in self.paused:
+            if self._may_read_alone(conn):
+                self._resume(conn)
+                return
+
     def _pause(self, conn: Connection) -> None:
         if not self.paused:  # (under a steady flood, many times a second)
             self.log_limit.log(
@@ -499,6 +530,9 @@ class Acceptor:
         self.advance(conn)
         if conn.state == EOF:
             self._close_if_finished(conn)
+        elif conn.paused and self._may_read_alone(conn):
+            self._resume(conn)
+        self._pass_reading_turn()
 
     def requeue(self, job: Job, from_line: int) -> None:
         """Put the lines of a job that never started back in line (its worker died)."""
@@ -720,6 +754,9 @@ class Acceptor:
         if conn.paused:
             conn.paused = False
             self.paused.discard(conn)
+        if conn is self.partial_reader:
+            self.partial_reader = None
+            self._pass_reading_turn()
         # Its partial line will never be completed; what its jobs hold is released as they finish.
         self._release(conn, conn.decoder.buffered)
         conn.decoder = FrameDecoder(conn.decoder.max_frame_bytes)

@@ -518,3 +518,59 @@ def test_output_budget_closes_the_largest_outputs_first(start_server):
     finally:
         for sink in sinks:
             sink.close()
+
+
+# -- connections paused past max_total_request_bytes while holding only an unfinished line -----
+
+
+def _accepted(acceptor):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        sock, peer = listener.accept()
+    return client, acceptor.add_connection(sock, peer)
+
+
+def test_a_lone_unfinished_line_past_the_request_budget_is_still_read():
+    """One connection sends 5,000 bytes of one RPC (within max_frame_bytes) at a request budget of
+    4,096. Nothing of it runs, so nothing would ever release those bytes: paused, it would never
+    be read again and its RPC never answered (found by a review). It keeps being read."""
+    import selectors as _selectors
+
+    from simplerpc_mp.acceptor import READ, Acceptor
+    from simplerpc_mp.config import Settings
+    from simplerpc_mp.timers import Timers
+
+    settings = Settings().with_changes(max_total_request_bytes=4096)
+    with _selectors.DefaultSelector() as selector:
+        acceptor = Acceptor(settings, selector, Timers())
+        acceptor.set_handler_info({"concurrent": [], "connect": False, "disconnect": False})
+        client, conn = _accepted(acceptor)
+        with client:
+            client.sendall(b'echo{"pad":"' + b"x" * 5000)
+            wait_until(lambda: acceptor.on_read(conn) or acceptor.request_bytes >= 5012, what="partial line read")
+            assert not acceptor.scheduler and not conn.running
+            assert conn.events & READ, (conn.paused, conn.request_bytes, acceptor.request_bytes)
+            client.sendall(b'"}\n')
+            wait_until(lambda: acceptor.on_read(conn) or acceptor.scheduler, what="the line completed")
+
+
+def test_clients_paused_holding_unfinished_lines_are_all_answered(start_server):
+    """Three clients each send most of a 3,000-byte RPC at a request budget of 4,096: together
+    past it, each past its share, none with anything running. Once the server says it passed the
+    budget, they finish their lines: every one is answered (one at a time may read on)."""
+    server = start_server("--handlers", "tests.handlers.basic", "--max-total-request-bytes", "4096")
+    clients = [Raw(server) for _ in range(3)]
+    try:
+        for raw in clients:
+            raw.send_all(b'echo{"pad":"' + b"x" * 3000)
+        server.wait_log(r"passed max_total_request_bytes")
+        for raw in clients:
+            raw.send_all(b'"}\n')
+        for raw in clients:
+            answers = raw.exchange(b"", 1)
+            assert answers[0].startswith(b"OKAY"), answers
+    finally:
+        for raw in clients:
+            raw.close()
