@@ -66,7 +66,7 @@ class Dispatch:
         if scheduler:
             targets = [
                 w for w in self.workers
-                if w.accepting and w.booted and not w.spare and not w.dead and (
+                if _takes_jobs(w) and (
                     not w.batches
                     or (len(w.batches) < MAX_BATCHES_PER_WORKER and now_ns - w.board[ipc.BOARD_START_NS] < PREFETCH_MAX_AGE_NS)
                 )
@@ -93,7 +93,7 @@ class Dispatch:
         holding = [w for w in self.workers if len(w.jobs) > 1 and not w.dead and w.booted]
         if not holding:
             return
-        idle = sum(1 for w in self.workers if w.accepting and w.booted and not w.spare and not w.dead and not w.batches)
+        idle = sum(1 for w in self.workers if _takes_jobs(w) and not w.batches)
         wake_at = 0
         for worker in holding:
             board = worker.board
@@ -352,6 +352,11 @@ def _may_hold_back(worker: WorkerHandle) -> bool:
     """Could the worker hold a finished answer back behind a slow RPC? Not with one line and
     one job: then the running RPC is all it has (the CPU-heavy case: no sweeps, no wake-ups)."""
     return worker.load > 1 or len(worker.jobs) > 1
+
+
+def _takes_jobs(worker: WorkerHandle) -> bool:
+    """Booted, serving (not a spare, not retiring) and alive: may be handed jobs."""
+    return worker.accepting and worker.booted and not worker.spare and not worker.dead
 
 
 def _by_load(worker: WorkerHandle) -> tuple:
