@@ -3,7 +3,9 @@
 Runs in the main server process. The loop, read top to bottom:
 
 1. select on client sockets, listeners, worker pipes, worker sentinels and the signal wakeup
-   socket, with the timeout of the nearest timer;
+   socket, with the timeout of the nearest timer; any other descriptor (the control socket,
+   metrics HTTP, a broker connection) is registered with an object whose ``on_event(mask)``
+   handles it, so each lives in a small module of its own;
 2. handle what is ready: accept, read, write, worker replies, worker exits, signals;
 3. run the timers that are due (RPC deadlines, output limits, respawn back-off, ...);
 4. hand runnable jobs to workers, and send each connection its answers in one write.
@@ -239,8 +241,10 @@ class Server:
                     acceptor.on_accept(data)
                 elif kind is Sentinel:
                     pool.on_exit(data.worker)
-                else:
+                elif data is None:
                     self._read_signals()
+                else:  # any other descriptor (control socket, metrics, broker): its own handler
+                    data.on_event(mask)
             timers.run_due(monotonic())
             pool.dispatch()
             acceptor.flush()
