@@ -34,6 +34,7 @@ import socket
 from collections import deque
 
 from . import ipc
+from .counters import Counters, OpStats
 from .errors import FrameTooLarge, ShuttingDown, TooManyConnections
 from .handlers import BROADCAST
 from .logs import RateLimitedLog
@@ -76,7 +77,7 @@ class Listener:
 class Job:
     """Lines of one connection that run together on one worker, and what became of them."""
 
-    __slots__ = ("job_id", "conn", "kind", "first", "count", "payload", "answered", "sent_ns")
+    __slots__ = ("job_id", "conn", "kind", "first", "count", "payload", "answered", "sent_ns", "arrived", "op_stats")
 
     def __init__(self, conn: "Connection", kind: int, first: int, count: int, payload: bytes):
         self.job_id = 0  # set when dispatched
@@ -87,12 +88,19 @@ class Job:
         self.payload = payload
         self.answered = 0  # lines whose answers have come back
         self.sent_ns = 0  # when it went to a worker (for the scheduler's cost measurements)
+        self.arrived = 0.0  # when its first line arrived (the acceptor's loop clock), for durations
+        self.op_stats = None  # its lines' counters (counters.Counters._line_stats), found once
 
     def split(self, lines: int) -> "Job":
         """Cut off and return the first ``lines`` lines as a job of their own (it takes this
         job's place in the connection's counts); this job keeps the rest, to be queued again."""
         end = nth_line_end(self.payload, lines) + 1
         head = Job(self.conn, self.kind, self.first, lines, self.payload[:end])
+        head.arrived = self.arrived
+        if type(self.op_stats) is OpStats:
+            head.op_stats = self.op_stats
+        else:
+            self.op_stats = None  # (a list per line: found again for what is left)
         self.payload = self.payload[end:]
         self.first += lines
         self.count -= lines
@@ -102,7 +110,11 @@ class Job:
         """A fresh job for this job's lines from ``from_line`` on (they never started), to take
         its place (the caller keeps the connection's running counts right)."""
         payload = self.payload[nth_line_end(self.payload, from_line) + 1 :] if from_line else self.payload
-        return Job(self.conn, self.kind, self.first + from_line, self.count - from_line, payload)
+        rest = Job(self.conn, self.kind, self.first + from_line, self.count - from_line, payload)
+        rest.arrived = self.arrived
+        if type(self.op_stats) is OpStats:
+            rest.op_stats = self.op_stats
+        return rest
 
     def line(self, index: int) -> bytes:
         return split_lines(self.payload)[index]
@@ -177,6 +189,9 @@ class Acceptor:
         self.has_connect = False
         self.has_disconnect = False
         self.pushes_dropped = 0
+        self.pushes_total = 0  # push frames put in a connection's output
+        self.accepted_total = 0
+        self.counters = Counters()  # per op, per reason: for stats and /metrics (counters.py)
         # For events a client can repeat at will; what it holds back is logged a second later.
         self.log_limit = RateLimitedLog(on_suppressed=self._arm_log_flush)
         self._log_flush_timer = None
@@ -218,6 +233,7 @@ class Acceptor:
         self.concurrent_needles = tuple(b"\n" + op + b"{" for op in self.concurrent_ops)
         self.has_connect = info["connect"]
         self.has_disconnect = info["disconnect"]
+        self.counters.set_ops(info.get("ops", ()))
 
     # -- listening --------------------------------------------------------------------------
 
@@ -272,6 +288,7 @@ class Acceptor:
             self.add_connection(sock, peer)
 
     def _refuse(self, sock: socket.socket, peer) -> None:
+        self.counters.closed_one("max_connections")
         self.log_limit.log(
             log, "refused", logging.WARNING, "refused connection from %s: max_connections (%d) reached",
             peer, self.settings.max_connections,
@@ -303,6 +320,7 @@ class Acceptor:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         net_id = self.next_net_id
         self.next_net_id += 1
+        self.accepted_total += 1
         conn = Connection(net_id, sock, peer, self.settings.max_frame_bytes, self.now)
         self.conns[net_id] = conn
         self.selector.register(sock, READ, conn)
@@ -342,6 +360,7 @@ class Acceptor:
                 )
                 seq = conn.next_seq
                 conn.next_seq += 1
+                self.counters.fail_other(_FRAME_TOO_LARGE)
                 self.complete(conn, seq, _frame_too_large(conn.decoder.max_frame_bytes), 1)
             elif self.concurrent_ops and self._has_concurrent(chunk):
                 self._enqueue_mixed(conn, chunk)
@@ -376,7 +395,9 @@ class Acceptor:
             tail.payload += payload
             tail.count += count
         else:
-            queue.append(Job(conn, kind, conn.next_seq, count, payload))
+            job = Job(conn, kind, conn.next_seq, count, payload)
+            job.arrived = self.now
+            queue.append(job)
         conn.next_seq += count
         self._hold(conn, len(payload))
 
@@ -571,10 +592,12 @@ class Acceptor:
             conn.session = session
             conn.session_version += 1
         if count:
+            self.counters.reply(job, first, count, answers, self.now)
             self.complete(conn, job.first + first, answers, count)
 
     def fail_lines(self, job: Job, start: int, end: int, reason: str, message: str) -> None:
         if end > start:
+            self.counters.fail(job, start, end, reason, self.now)
             self.complete(job.conn, job.first + start, encode_fail(reason, message) * (end - start), end - start)
 
     def complete(self, conn: Connection, seq: int, answers: bytes, count: int) -> None:
@@ -622,6 +645,7 @@ class Acceptor:
             self.dirty.append(conn)
         conn.wbuf += frame
         self.output_bytes += len(frame)
+        self.pushes_total += 1
 
     def _broadcast_within_budget(self, frame: bytes) -> None:
         """A broadcast that could pass max_total_output_bytes. A connection that takes its copy
@@ -727,15 +751,17 @@ class Acceptor:
 
     def _close_if_finished(self, conn: Connection) -> None:
         if conn.state == EOF and not conn.queue and not conn.running and not conn.wbuf:
-            self.close(conn, "client closed its side")
+            self.close(conn, "client closed its side", counted_as="client_closed")
 
-    def close(self, conn: Connection, reason: str, level: int = logging.DEBUG, kind: str = "") -> None:
+    def close(self, conn: Connection, reason: str, level: int = logging.DEBUG, kind: str = "", counted_as: str = "") -> None:
         """Close the socket now. Jobs already received still run; their answers are dropped.
 
         With a ``kind``, a reason many connections can share at once: its log line is rate-limited.
+        ``counted_as`` (else ``kind``, else "other") is the reason it counts under in stats/metrics.
         """
         if conn.state == CLOSED:
             return
+        self.counters.closed_one(counted_as or kind.replace(" ", "_") or "other")
         if kind:
             self.log_limit.log(log, kind, level, "net_id %s closed: %s", conn.net_id, reason)
         else:
@@ -817,7 +843,7 @@ class Acceptor:
 
     def close_all(self, reason: str) -> None:
         for conn in list(self.conns.values()):
-            self.close(conn, reason)
+            self.close(conn, reason, counted_as="server_stopping")
 
 
 def nth_line_end(lines: bytes, n: int) -> int:

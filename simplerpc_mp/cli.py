@@ -1,4 +1,5 @@
-"""The ``simplerpc-mp`` command (typer): serve, check, call, bench, settings. A thin layer.
+"""The ``simplerpc-mp`` command (typer): serve, check, call, bench, stats, top, reload, scale, stop,
+settings. A thin layer.
 
 The ``serve`` and ``check`` options are generated from ``config.SETTINGS``, so every setting
 is a flag (``max_requests`` -> ``--max-requests``) without being spelled out here again.
@@ -7,7 +8,8 @@ Runs in the user's shell process; ``serve`` becomes the acceptor process.
 Exit codes: 0 success; 1 ``call`` got FAIL (or ``bench`` saw answers out of order), or the
 server could not listen; 2 bad configuration or usage (typer's own errors too); 3 the handler
 module cannot be loaded (``serve``, ``check``) or no answer came (``call``, ``bench``);
-4 the workers kept dying during start-up.
+4 the workers kept dying during start-up. The control commands (``stats``, ``top``, ``reload``,
+``scale``, ``stop``) exit 1 when no server answers on the control socket.
 """
 
 from __future__ import annotations
@@ -516,6 +518,153 @@ def _print_bench_table(summary: dict) -> None:
     for reason, count in summary["fails"].items():
         table.add_row(f"FAIL {escape(reason)}", str(count), "")
     console.print(table)
+
+
+# -- control: stats, top, reload, scale, stop ---------------------------------------------------
+
+EXIT_NO_SERVER = 1
+
+_CONTROL_SOCKET_OPTION = typer.Option(
+    None, "--control-socket", help="The server's control socket (default: the one of --port, or of --config's server).")
+_PORT_OPTION = typer.Option(None, "--port", help="Port of the server to find (its default control socket). [default: 30000]")
+_CONFIG_OPTION = typer.Option(None, "--config", "-c", help="The server's TOML config file (its port and control_socket).")
+
+
+def _control_socket_of(control_socket: Optional[str], port: Optional[int], config: Optional[str]) -> str:
+    """The control socket to use: the given one, or where the server of --port/--config has it."""
+    from .control import control_path
+
+    if control_socket:
+        return control_socket
+    cli = {"port": port} if port is not None else {}
+    settings = _settings_from(cli, config)
+    path = control_path(settings.control_socket, settings.port)
+    if not path:
+        _fail("control_socket is off (empty) for that server: no control socket to talk to", EXIT_NO_SERVER)
+    if settings.control_socket == "auto" and settings.port == 0:
+        _fail("the server's port is 0 (picked when it starts): give --port PORT or --control-socket PATH", EXIT_NO_SERVER)
+    return path
+
+
+def _ask(path: str, message: dict) -> dict:
+    from .control import NoServer, request
+
+    try:
+        answer = request(path, message)
+    except NoServer as exc:
+        _fail(str(exc), EXIT_NO_SERVER)
+    except (OSError, ValueError) as exc:  # timed out, reset, a broken answer
+        _fail(f"control socket {path}: {getattr(exc, 'strerror', None) or exc}", EXIT_NO_SERVER)
+    if not answer.get("ok"):
+        _fail(str(answer.get("error", "the server refused the command")), EXIT_NO_SERVER)
+    return answer
+
+
+@app.command()
+def stats(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (the keys are documented in the README)."),
+    control_socket: Optional[str] = _CONTROL_SOCKET_OPTION,
+    port: Optional[int] = _PORT_OPTION,
+    config: Optional[str] = _CONFIG_OPTION,
+) -> None:
+    """A snapshot of a running server: workers (what each runs now, since when), ops, restarts, connections.
+
+    Exit 0, or 1 when no server answers on the control socket.
+    """
+    snap = _ask(_control_socket_of(control_socket, port, config), {"cmd": "stats"})["stats"]
+    if as_json:
+        typer.echo(json.dumps(snap))
+        return
+    from .dashboard import console, stats_tables
+
+    console().print(stats_tables(snap))
+
+
+@app.command()
+def top(
+    once: bool = typer.Option(False, "--once", help="Print one frame and exit (for scripts)."),
+    interval: float = typer.Option(1.0, "--interval", min=0.1, help="Seconds between refreshes."),
+    control_socket: Optional[str] = _CONTROL_SOCKET_OPTION,
+    port: Optional[int] = _PORT_OPTION,
+    config: Optional[str] = _CONFIG_OPTION,
+) -> None:
+    """A live view of a running server, refreshed every second: workers, busiest ops, connections.
+
+    Ctrl-C leaves. Exit 0, or 1 when no server answers on the control socket.
+    """
+    import time
+
+    from rich.live import Live
+
+    from .control import NoServer, Session
+    from .dashboard import Rates, top_frame
+    from .dashboard import console as make_console
+
+    path = _control_socket_of(control_socket, port, config)
+    console = make_console()
+    rates = Rates()
+    try:
+        session = Session(path)
+    except NoServer as exc:
+        _fail(str(exc), EXIT_NO_SERVER)
+
+    def frame():
+        answer = session.ask({"cmd": "stats"})
+        if not answer.get("ok"):
+            _fail(str(answer.get("error")), EXIT_NO_SERVER)
+        snap = answer["stats"]
+        return top_frame(snap, rates.update(snap), None if once else console.size.height)
+
+    try:
+        if once:
+            console.print(frame())
+            return
+        with Live(frame(), console=console, auto_refresh=False, screen=console.is_terminal) as live:
+            while True:
+                time.sleep(interval)  # (the refresh period of a live view, not a wait for a condition)
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
+        return
+    except (NoServer, OSError, ValueError) as exc:
+        _fail(f"control socket {path}: {getattr(exc, 'strerror', None) or exc}", EXIT_NO_SERVER)
+    finally:
+        session.close()
+
+
+@app.command()
+def reload(
+    control_socket: Optional[str] = _CONTROL_SOCKET_OPTION,
+    port: Optional[int] = _PORT_OPTION,
+    config: Optional[str] = _CONFIG_OPTION,
+) -> None:
+    """Reload a running server's workers, as SIGHUP does (no RPC fails)."""
+    typer.echo(_ask(_control_socket_of(control_socket, port, config), {"cmd": "reload"})["message"])
+
+
+# (-N is the number, not an unknown option)
+@app.command(context_settings={"ignore_unknown_options": True})
+def scale(
+    n: str = typer.Argument(..., help="The worker target: N, +N (more) or -N (fewer)."),
+    control_socket: Optional[str] = _CONTROL_SOCKET_OPTION,
+    port: Optional[int] = _PORT_OPTION,
+    config: Optional[str] = _CONFIG_OPTION,
+) -> None:
+    """Set a running server's worker count, as TTIN/TTOU do (one signal per worker)."""
+    text = n.strip()
+    if not text.lstrip("+-").isdigit():
+        _fail(f"scale: expected N, +N or -N, got {n!r}", EXIT_CONFIG)
+    typer.echo(_ask(_control_socket_of(control_socket, port, config), {"cmd": "scale", "n": text})["message"])
+
+
+@app.command()
+def stop(
+    now: bool = typer.Option(False, "--now", help="Stop at once, as QUIT does (unanswered RPCs get FAIL ShuttingDown)."),
+    control_socket: Optional[str] = _CONTROL_SOCKET_OPTION,
+    port: Optional[int] = _PORT_OPTION,
+    config: Optional[str] = _CONFIG_OPTION,
+) -> None:
+    """Stop a running server: gracefully, as TERM does, or --now, as QUIT does."""
+    typer.echo(_ask(_control_socket_of(control_socket, port, config), {"cmd": "stop", "now": now})["message"])
 
 
 # -- settings ----------------------------------------------------------------------------------

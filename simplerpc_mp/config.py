@@ -187,6 +187,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("log_format", str, "text", "Log line format: text (one line, pid included) or json (one object per line).", "logging", choices=("text", "json")),
     _s("log_file", str, "", "Append logs to this file instead of stderr (empty = stderr).", "logging"),
     _s("access_log", bool, False, "Log one line per RPC at info level (net_id, op, answer, duration, worker pid).", "logging"),
+    # -- observability
+    _s("control_socket", str, "auto", "Unix socket for `simplerpc-mp stats/top/reload/scale/stop` (mode 0600): a path; auto = control-PORT.sock in $XDG_RUNTIME_DIR/simplerpc-mp, else ~/.simplerpc-mp; empty = off.", "observability"),
+    _s("metrics_port", int, 0, "Port of the Prometheus endpoint GET /metrics (0 = off; needs the metrics extra, prometheus_client).", "observability", minimum=0, maximum=65535),
+    _s("metrics_host", str, "127.0.0.1", "Address the /metrics endpoint listens on.", "observability"),
 )
 
 SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

@@ -284,6 +284,7 @@ class Dispatch:
             acceptor.on_reply(job, first, count, answers, pushes, session)
             job.answered += count
             worker.load -= count
+            worker.served += count
             if job.answered >= job.count:
                 jobs.popleft()
                 if worker.batches and worker.batches[0] == job_id:

@@ -107,6 +107,7 @@ class Handlers:
     def describe(self) -> dict:
         """What the acceptor needs to know, sent by each worker when it boots."""
         return {
+            "ops": sorted(self.ops),
             "concurrent": sorted(op for op, entry in self.ops.items() if entry.concurrent),
             "timeouts": {op: entry.timeout for op, entry in self.ops.items() if entry.timeout is not None},
             "connect": self.connect_fn is not None,

@@ -30,6 +30,7 @@ from .acceptor import CLOSED, Acceptor, Connection, Listener
 from .config import ConfigError, Settings
 from .handlers import Handlers
 from .logs import configure_logging
+from .stats import ProcessSampler
 from .supervisor import (
     EXIT_UNGUARDED_MAIN, SPAWN_RESERVE_FDS, FatalError, Pool, Sentinel, UnguardedMainError, WorkerHandle,
 )
@@ -106,6 +107,11 @@ class Server:
         self._stopping = False
         self._done = False
         self._graceful_timer = None
+        self.started_at = time.monotonic()
+        # Extra sections of the stats snapshot: name -> function returning a JSON-able value.
+        self.stats_providers: dict = {}
+        self.sampler = ProcessSampler()  # CPU and RSS, sampled when stats are asked for
+        self.control = None  # control.ControlServer, when control_socket is on
 
     # The seed's registration style.
     def on_connect(self, fn):
@@ -155,6 +161,8 @@ class Server:
             self.settings, self.handlers_spec, selector, self.timers, self.acceptor,
             on_first_boot=self.acceptor.start_accepting, on_all_booted=self._on_ready,
         )
+        self.started_at = time.monotonic()
+        self._open_control()
         selector.register(self._wake_r, selectors.EVENT_READ, None)
         restore = self._install_signals()
         try:
@@ -175,10 +183,29 @@ class Server:
             if self.pool.workers:
                 self.pool.kill_all()  # an unexpected error: leave no orphans
             restore()
+            self._close_control()
             self.acceptor.stop_accepting(close=True)
             self.acceptor.close_all("server stopped")
             selector.close()
         return self.exit_code
+
+    def _open_control(self) -> None:
+        """The control socket (``control.py``) in this loop, unless control_socket is ""."""
+        from .control import Commands, ControlServer, control_path
+
+        path = control_path(self.settings.control_socket, self.address[1])
+        if not path:
+            return
+        try:
+            self.control = ControlServer(path, self._selector, self.timers, Commands(self, self.sampler))
+        except OSError as exc:
+            raise ServerError(f"cannot open control socket {path}: {exc.strerror or exc}", EXIT_LISTEN) from None
+        log.debug("control socket at %s", path)
+
+    def _close_control(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
 
     def _configure_logging(self) -> None:
         """Log as ``serve`` does, unless the application has set up logging itself (a script)."""
@@ -325,7 +352,8 @@ class Server:
         except ConfigError as exc:  # keep serving with the settings we have
             log.error("reload: settings not changed: %s", exc)
             return
-        fixed = ("host", "port", "handlers")  # what a running server cannot change
+        # What a running server cannot change.
+        fixed = ("host", "port", "handlers", "control_socket", "metrics_port", "metrics_host")
         changed = [s for s in fixed if getattr(new, s) != getattr(self.settings, s)]
         if changed:
             log.warning("reload: %s cannot change while running; restart to apply", ", ".join(changed))

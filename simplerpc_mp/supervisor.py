@@ -93,7 +93,7 @@ class WorkerHandle:
         "booted", "accepting", "stopping", "dead", "lines_sent", "max_lines", "generation",
         "check_timer", "sweep_timer", "timed_out", "boot_error", "retire_reason", "kill_timer", "booted_at",
         "claim_lock", "spare", "yield_flag", "last_done_ns", "overdue", "sessions",
-        "boot_timer", "killed_for",
+        "boot_timer", "killed_for", "served", "restart_kind", "spawned_at",
     )
 
     def __init__(self, worker_id: int, process, sock: socket.socket, board, journal, generation: int, max_lines: int,
@@ -131,6 +131,9 @@ class WorkerHandle:
         self.sessions = ipc.SessionCache()  # which connections' sessions it holds (see ipc)
         self.boot_timer = None  # boot_timeout
         self.killed_for = ""  # why the supervisor killed it, if it did: its exit is no crash
+        self.served = 0  # lines answered (stats)
+        self.restart_kind = ""  # why it leaves, as counted in stats' restarts (counters.RESTART_REASONS)
+        self.spawned_at = time.monotonic()
 
 
 class Pool(Dispatch):
@@ -279,10 +282,10 @@ class Pool(Dispatch):
         if missing < 0:
             # Retire the newest first: the oldest have warm caches.
             for worker in sorted(serving, key=lambda w: -w.worker_id)[:-missing]:
-                self.retire(worker, "scaling down")
+                self.retire(worker, "scaling down", kind="scaled")
             missing = 0
         for worker in spares[self.settings.spare_workers:]:
-            self.retire(worker, "more spare workers than spare_workers")
+            self.retire(worker, "more spare workers than spare_workers", kind="scaled")
         wanted = [False] * missing + [True] * max(0, self.settings.spare_workers - len(spares))
         if wanted:
             now = time.monotonic()
@@ -357,25 +360,27 @@ class Pool(Dispatch):
         incoming = [w for w in accepting if w.booted and w.generation == self.generation and not w.spare]
         outgoing = [w for w in accepting if w.generation < self.generation]
         for worker in [w for w in outgoing if not w.booted or (w.spare and incoming)]:
-            self.retire(worker, "superseded before it booted" if not worker.booted else "spare of the old code")
+            self.retire(worker, "superseded before it booted" if not worker.booted else "spare of the old code", kind="reload")
         outgoing = [w for w in outgoing if w.booted and not w.spare]
         for worker in outgoing[: max(0, len(incoming) + len(outgoing) - self.target)]:
-            self.retire(worker, worker.retire_reason or "replaced by reload")
+            self.retire(worker, worker.retire_reason or "replaced by reload", kind=worker.restart_kind or "reload")
 
     def recycle(self, worker: WorkerHandle, reason: str, level: int = logging.INFO) -> None:
         """Retire a worker at its limit (max_requests, max_worker_memory): it takes nothing more,
         finishes what it holds and leaves. A spare takes its place at once; without spares a
         replacement starts now and capacity dips until it has booted (gunicorn's semantics)."""
-        self.retire(worker, reason, level)
+        self.retire(worker, reason, level, kind="recycled")
 
     # -- stopping and losing workers --------------------------------------------------------
 
-    def retire(self, worker: WorkerHandle, reason: str, level: int = logging.INFO) -> None:
-        """Take no new jobs, finish the ones held, then exit; a replacement starts now."""
+    def retire(self, worker: WorkerHandle, reason: str, level: int = logging.INFO, kind: str = "") -> None:
+        """Take no new jobs, finish the ones held, then exit; a replacement starts now.
+        ``kind``: what its exit counts as in stats' restarts (recycled, reload, scaled)."""
         if not worker.accepting:
             return
         worker.accepting = False
         worker.retire_reason = reason
+        worker.restart_kind = kind
         log.log(level, "worker %s (pid %s) retiring: %s", worker.worker_id, worker.pid, reason)
         if not worker.jobs:
             self._send_stop(worker)
@@ -411,6 +416,7 @@ class Pool(Dispatch):
         self.workers.remove(worker)
         code = worker.process.exitcode
         how = _describe_exit(code)
+        self._count_restart(worker)
         if _failed_boot(worker):
             self._on_boot_failure(worker, how)
         elif worker.stopping and code == 0:
@@ -436,6 +442,21 @@ class Pool(Dispatch):
         self._recover_jobs(worker, how)
         self._release(worker)
         self.manage()
+
+    def _count_restart(self, worker: WorkerHandle) -> None:
+        """Count the exit in stats' restarts by reason (counters.RESTART_REASONS); an exit the
+        server asked for to stop is none."""
+        if _failed_boot(worker):
+            kind = "boot_failed"
+        elif worker.timed_out is not None:
+            kind = "timeout"
+        elif worker.restart_kind:
+            kind = worker.restart_kind
+        elif worker.killed_for or worker.stopping or self.shutting_down:
+            return  # (a kill of the supervisor's own with no kind: stopping now, out of step)
+        else:
+            kind = "crashed"
+        self.acceptor.counters.restarted(kind, worker.worker_id, worker.pid, time.time())
 
     @staticmethod
     def _cancel_timers(worker: WorkerHandle) -> None:
@@ -511,6 +532,7 @@ class Pool(Dispatch):
                 if other.generation > self.generation:
                     other.accepting = False
                     other.killed_for = "its reload failed"
+                    other.restart_kind = "reload"
                     other.process.kill()
             return
         if worker.boot_error and not self.ever_booted:
@@ -665,6 +687,7 @@ class Pool(Dispatch):
         for worker in booting:
             worker.accepting = False
             worker.killed_for = "superseded by a newer reload before it booted"
+            worker.restart_kind = "reload"
             worker.process.kill()
         self.respawn_after = 0.0  # new code gets its try now, whatever back-off the old one earned
         for worker in booting:

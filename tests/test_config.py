@@ -418,7 +418,7 @@ def test_a_setting_with_the_shape_of_a_link_is_still_a_setting():
 @pytest.mark.parametrize("env, expected", [
     # right name, wrong value: not a link, so an unknown setting (or a bad port) as before
     ({"SIMPLERPC_MP_SERVICE_HOST": "db.internal"},
-     "environment variable SIMPLERPC_MP_SERVICE_HOST: unknown setting (did you mean SIMPLERPC_MP_HOST?)"),
+     "environment variable SIMPLERPC_MP_SERVICE_HOST: unknown setting (did you mean SIMPLERPC_MP_METRICS_HOST?)"),
     ({"SIMPLERPC_MP_PORT": "tcp://10.0.0.1"}, 'environment variable SIMPLERPC_MP_PORT: expected an integer from 0 to 65535, got "tcp://10.0.0.1"'),
     ({"SIMPLERPC_MP_PORT": "http://10.0.0.1:80"}, "environment variable SIMPLERPC_MP_PORT: expected an integer"),
     ({"SIMPLERPC_MP_PORT_30000_TCP_PORT": "30001"}, "environment variable SIMPLERPC_MP_PORT_30000_TCP_PORT: unknown setting"),

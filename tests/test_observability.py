@@ -1,0 +1,322 @@
+"""Observability and control (issue 12): the control socket and its commands (stats, top,
+reload, scale, stop), the counters, /metrics, and structured logs. Real servers, real worker
+processes, real signals; every wait is on a socket, a log line or a snapshot, with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from simplerpc_mp import RemoteError
+from simplerpc_mp.control import ControlError, ControlProtocol, NoServer, default_path, request
+from simplerpc_mp.counters import BOUNDS, OTHER, Counters, percentile
+
+from .conftest import REPO, wait_until
+
+CLI_TIMEOUT_S = 60
+
+
+@pytest.fixture
+def runtime_dir():
+    """A private $XDG_RUNTIME_DIR (short: a Unix socket path has at most 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="srpc-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def obs_server(start_server, runtime_dir):
+    """``obs_server(*args, workers=2)``: a server with the test handlers and its control socket."""
+
+    def start(*args: str, workers: int = 2, env: dict | None = None):
+        server = start_server("--handlers", "tests.handlers.basic", *args, workers=workers,
+                              env={"XDG_RUNTIME_DIR": runtime_dir, **(env or {})})
+        server.control_path = os.path.join(runtime_dir, "simplerpc-mp", f"control-{server.port}.sock")
+        return server
+
+    return start
+
+
+def cli(*args: str, runtime_dir: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XDG_RUNTIME_DIR": runtime_dir}
+    result = subprocess.run([sys.executable, "-m", "simplerpc_mp", *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=CLI_TIMEOUT_S)
+    if check:
+        assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return result
+
+
+def snapshot(server) -> dict:
+    answer = request(server.control_path, {"cmd": "stats"})
+    assert answer["ok"], answer
+    return answer["stats"]
+
+
+# -- the sans-IO parts -------------------------------------------------------------------------
+
+def test_control_protocol_splits_lines_and_refuses_garbage():
+    protocol = ControlProtocol(max_request_bytes=64)
+    assert protocol.feed(b'{"cmd": "st') == []
+    assert protocol.feed(b'ats"}\n{"cmd": "reload"}\n') == [{"cmd": "stats"}, {"cmd": "reload"}]
+    for bad in (b"garbage\n", b"[1, 2]\n", b'{"cmd": 3}\n', b"\xff\xfe\n"):
+        with pytest.raises(ControlError):
+            ControlProtocol().feed(bad)
+    with pytest.raises(ControlError, match="longer than 64"):
+        ControlProtocol(max_request_bytes=64).feed(b"x" * 65)
+
+
+def test_counters_per_op_per_reason_and_percentiles():
+    class FakeJob:
+        def __init__(self, payload: bytes, count: int, arrived: float = 0.0):
+            self.payload, self.count, self.arrived, self.op_stats = payload, count, arrived, None
+
+    counters = Counters()
+    counters.set_ops(["echo", "add"])
+    okay, fail = b'OKAY{}\n', b'FAIL{"reason":"Custom","message":"m"}\n'
+    # one op for the whole job: one bucket update per reply
+    counters.reply(FakeJob(b'echo{}\n' * 3, 3), 0, 3, okay * 2 + fail, now=0.001)
+    # mixed ops, and a name nobody registered
+    mixed = FakeJob(b'echo{}\nadd{"a":1}\nnosuch{}\n', 3)
+    counters.reply(mixed, 0, 2, okay + fail, now=0.002)
+    counters.reply(mixed, 2, 1, b'FAIL{"reason":"UnknownOpcode","message":"x"}\n', now=0.003)
+    counters.fail(FakeJob(b'add{}\n', 1), 0, 1, "WorkerCrashed", now=0.004)
+    ops = counters.by_name()
+    assert (ops["echo"].count, ops["echo"].fails) == (4, {"Custom": 1})
+    assert (ops["add"].count, ops["add"].fails) == (2, {"Custom": 1, "WorkerCrashed": 1})
+    assert (ops[OTHER].count, ops[OTHER].fails) == (1, {"UnknownOpcode": 1})
+    assert set(ops) == {"echo", "add", OTHER}
+    # a FAIL{ inside an OKAY's string is no FAIL
+    counters.reply(FakeJob(b'echo{}\n', 1), 0, 1, b'OKAY{"s":"FAIL{"}\n', now=0.001)
+    assert ops["echo"].fails == {"Custom": 1}
+    p50 = percentile(ops["echo"], 0.5)
+    assert BOUNDS[0] < p50 <= 0.001 + 1e-9
+
+
+# -- the control socket ------------------------------------------------------------------------
+
+def test_stats_json_has_every_key_and_names_the_stuck_op(obs_server, runtime_dir):
+    server = obs_server()
+    assert stat.S_IMODE(os.stat(server.control_path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(server.control_path)).st_mode) == 0o700
+    with socket.create_connection((server.host, server.port)) as stuck:
+        stuck.sendall(b'slow{"s": 30}\n')
+        with server.client() as client:  # load on the other worker meanwhile
+            for i in range(20):
+                client.call("echo", {"i": i})
+        busy = wait_until(lambda: [w for w in snapshot(server)["workers"] if w["op"] == "slow"], 30, 0.05,
+                          "a worker running op slow")[0]
+        first = busy["running_s"]
+        later = wait_until(
+            lambda: [w for w in snapshot(server)["workers"] if w["op"] == "slow" and w["running_s"] > first + 0.2],
+            30, 0.05, "running_s to grow")[0]
+        assert later["pid"] == busy["pid"] and later["state"] == "busy" and isinstance(later["net_id"], int)
+        result = cli("stats", "--json", "--port", str(server.port), runtime_dir=runtime_dir)
+    snap = json.loads(result.stdout)
+    for key in ("pid", "version", "uptime_s", "connections", "inflight", "rpcs_total", "pushes_total",
+                "pushes_dropped", "workers", "ops", "restarts", "closed"):
+        assert key in snap, key
+    assert snap["pid"] == server.pid and snap["connections"] >= 1 and snap["inflight"] >= 1
+    for worker in snap["workers"]:
+        for key in ("worker_id", "pid", "state", "op", "net_id", "running_s", "rpcs", "cpu_percent", "rss_bytes", "age_s"):
+            assert key in worker, key
+        assert worker["state"] in ("booting", "idle", "busy", "retiring")
+        assert worker["rss_bytes"] > 0
+    assert [w["op"] for w in snap["workers"]].count("slow") == 1
+    assert snap["ops"]["echo"]["count"] == 20 and snap["ops"]["echo"]["p99_ms"] > 0
+    for reason in ("crashed", "timeout", "recycled", "reload", "scaled"):
+        assert snap["restarts"][reason] == 0
+    for reason in ("output_hard_limit", "output_soft_limit", "idle_timeout", "max_connections"):
+        assert reason in snap["closed"]
+    text = cli("stats", "--port", str(server.port), runtime_dir=runtime_dir).stdout
+    assert "slow" in text and str(busy["pid"]) in text
+
+
+def test_counters_match_the_rpcs_sent_by_op_and_reason(obs_server):
+    server = obs_server("--max-frame-bytes", "1024")
+    with server.client() as client:
+        for i in range(7):
+            client.call("echo", {"i": i})
+        for _ in range(3):
+            with pytest.raises(RemoteError, match="Custom"):
+                client.call("custom_fail", {})
+        for _ in range(2):
+            with pytest.raises(RemoteError, match="Unknown"):
+                client.call("boom", {})
+        for name in ("nosuch", "other_unknown"):
+            with pytest.raises(RemoteError, match="UnknownOpcode"):
+                client.call(name, {})
+        with pytest.raises(RemoteError, match="FrameTooLarge"):
+            client.call("echo", {"x": "y" * 2000})
+    ops = snapshot(server)["ops"]
+    assert (ops["echo"]["count"], ops["echo"]["fail"]) == (7, 0)
+    assert (ops["custom_fail"]["count"], ops["custom_fail"]["fails"]) == (3, {"Custom": 3})
+    assert (ops["boom"]["count"], ops["boom"]["fails"]) == (2, {"Unknown": 2})
+    assert ops[OTHER]["fails"] == {"UnknownOpcode": 2, "FrameTooLarge": 1} and ops[OTHER]["count"] == 3
+    assert "nosuch" not in ops
+    assert snapshot(server)["rpcs_total"] == 15
+    assert snapshot(server)["pushes_total"] == 1  # the welcome push of on_connect
+
+
+def test_kill_9_of_a_worker_counts_as_crashed(obs_server):
+    server = obs_server()
+    with server.client() as client:
+        client.call("echo", {})
+    victim = snapshot(server)["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    snap = wait_until(lambda: (s := snapshot(server))["restarts"]["crashed"] == 1 and len(s["workers"]) == 2 and s,
+                      30, 0.05, "the crash counted and the worker replaced")
+    assert victim not in [w["pid"] for w in snap["workers"]]
+    assert snap["recent_restarts"][-1]["pid"] == victim and snap["recent_restarts"][-1]["reason"] == "crashed"
+
+
+def test_control_socket_refuses_garbage_huge_requests_and_non_readers_without_harm(obs_server):
+    server = obs_server()
+    path = server.control_path
+    with server.client() as client:
+        # garbage: one error line, then the server closes
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            sock.sendall(b"\x00\xffGET / HTTP/1.1\r\n\r\n")
+            answer = sock.makefile("rb").readline()
+            assert json.loads(answer)["ok"] is False
+            assert sock.recv(10) == b""
+        # a huge request without a newline is cut off at the limit
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            try:
+                sock.sendall(b"x" * (1024 * 1024))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed before we finished: that is the point
+            data = b""
+            try:
+                while chunk := sock.recv(65536):
+                    data += chunk
+            except ConnectionResetError:
+                pass
+            assert b"longer than" in data or data == b""
+        # a client that asks and never reads: RPCs still flow, and it is dropped at the output limit
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(path)
+            sock.setblocking(False)
+            try:
+                for _ in range(2000):
+                    sock.send(b'{"cmd":"stats"}\n')
+                    assert client.call("echo", {"ok": 1}) == {"ok": 1}
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                pass  # the server stopped reading it, or dropped it
+        server.wait_log("control socket: a client does not read its answers", 30)
+        assert client.call("echo", {"still": True}) == {"still": True}
+    assert snapshot(server)["ops"]["echo"]["count"] >= 2
+
+
+def test_no_server_is_one_line_and_exit_1(runtime_dir):
+    result = cli("stats", "--port", "1", runtime_dir=runtime_dir, check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "no server" in result.stderr
+    for args in (["reload"], ["scale", "+1"], ["stop"], ["top", "--once"]):
+        result = cli(*args, "--control-socket", os.path.join(runtime_dir, "none.sock"), runtime_dir=runtime_dir, check=False)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, (args, result.stderr)
+    with pytest.raises(NoServer):
+        request(default_path(1), {"cmd": "stats"})
+
+
+def test_control_socket_off_and_found_through_config(obs_server, runtime_dir, tmp_path):
+    server = obs_server("--control-socket", "")
+    assert not os.path.exists(server.control_path)
+    explicit = os.path.join(runtime_dir, "mine.sock")
+    other = obs_server("--control-socket", explicit)
+    config = tmp_path / "server.toml"
+    config.write_text(f'control_socket = "{explicit}"\n')
+    snap = json.loads(cli("stats", "--json", "--config", str(config), runtime_dir=runtime_dir).stdout)
+    assert snap["pid"] == other.pid
+
+
+def test_scale_then_stats_shows_one_more_worker(obs_server, runtime_dir):
+    server = obs_server(workers=1)
+    result = cli("scale", "+1", "--port", str(server.port), runtime_dir=runtime_dir)
+    assert "1 -> 2" in result.stdout
+    wait_until(lambda: [w["state"] for w in snapshot(server)["workers"]] == ["idle", "idle"], 60, 0.05, "two idle workers")
+    assert cli("scale", "1", "--port", str(server.port), runtime_dir=runtime_dir).stdout.strip() == "worker target 2 -> 1"
+    snap = wait_until(lambda: (s := snapshot(server))["restarts"]["scaled"] == 1 and len(s["workers"]) == 1 and s,
+                      30, 0.05, "one worker again")
+    assert snap["workers_target"] == 1
+    refused = cli("scale", "-5", "--port", str(server.port), runtime_dir=runtime_dir, check=False)
+    assert refused.returncode == 1 and "from 1 to 1024" in refused.stderr
+
+
+def test_reload_under_load_fails_no_rpc(obs_server, runtime_dir):
+    server = obs_server()
+    done = threading.Event()
+    answers: list = []
+    errors: list = []
+
+    def load() -> None:
+        with server.client() as client:
+            i = 0
+            while not done.is_set():
+                try:
+                    answers.append(client.call("echo", {"i": i}) == {"i": i})
+                except RemoteError as exc:
+                    errors.append(exc)
+                i += 1
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        wait_until(lambda: len(answers) > 20, 30, what="load running")
+        old = {w["pid"] for w in snapshot(server)["workers"]}
+        result = cli("reload", "--port", str(server.port), runtime_dir=runtime_dir)
+        assert "reloading" in result.stdout
+        wait_until(lambda: (s := snapshot(server))["restarts"]["reload"] == 2
+                   and not old & {w["pid"] for w in s["workers"]}, 60, 0.05, "the old workers replaced")
+        seen = len(answers)
+        wait_until(lambda: len(answers) > seen + 20, 30, what="load after the reload")
+    finally:
+        done.set()
+        thread.join(30)
+    assert errors == [] and all(answers)
+
+
+def test_top_once_prints_every_worker_pid(obs_server, runtime_dir):
+    server = obs_server(workers=3)
+    with server.client() as client:
+        client.call("echo", {})
+    result = cli("top", "--once", "--port", str(server.port), runtime_dir=runtime_dir)
+    pids = [w["pid"] for w in snapshot(server)["workers"]]
+    assert len(pids) == 3
+    for pid in pids:
+        assert str(pid) in result.stdout
+    assert "echo" in result.stdout and "connections" in result.stdout
+
+
+def test_stop_through_the_control_socket(obs_server, runtime_dir):
+    server = obs_server()
+    result = cli("stop", "--port", str(server.port), runtime_dir=runtime_dir)
+    assert "stopping gracefully" in result.stdout
+    assert server.proc.wait(60) == 0
+    assert not os.path.exists(server.control_path)  # removed on the way out
+    now = obs_server()
+    result = cli("stop", "--now", "--port", str(now.port), runtime_dir=runtime_dir)
+    assert "stopping now" in result.stdout and now.proc.wait(60) == 0
+
+
+def test_a_second_server_on_the_same_control_socket_exits_1(obs_server, start_server, runtime_dir):
+    first = obs_server()
+    second = start_server("--handlers", "tests.handlers.basic", "--control-socket", first.control_path, ready=False,
+                          env={"XDG_RUNTIME_DIR": runtime_dir})
+    assert second.proc.wait(60) == 1
+    assert "in use by another server" in second.log()
+    assert snapshot(first)["pid"] == first.pid
