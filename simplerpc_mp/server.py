@@ -112,6 +112,7 @@ class Server:
         self.stats_providers: dict = {}
         self.sampler = ProcessSampler()  # CPU and RSS, sampled when stats are asked for
         self.control = None  # control.ControlServer, when control_socket is on
+        self.metrics = None  # metrics.MetricsServer, when metrics_port is set
 
     # The seed's registration style.
     def on_connect(self, fn):
@@ -163,6 +164,7 @@ class Server:
         )
         self.started_at = time.monotonic()
         self._open_control()
+        self._open_metrics()
         selector.register(self._wake_r, selectors.EVENT_READ, None)
         restore = self._install_signals()
         try:
@@ -206,6 +208,26 @@ class Server:
         if self.control is not None:
             self.control.close()
             self.control = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    def _open_metrics(self) -> None:
+        """GET /metrics (``metrics.py``) in this loop, when metrics_port is set."""
+        if not self.settings.metrics_port:
+            return
+        from .metrics import Collector, MetricsServer, MissingPrometheusClient
+
+        host, port = self.settings.metrics_host, self.settings.metrics_port
+        try:
+            self.metrics = MetricsServer(host, port, self._selector, self.timers, Collector(self, self.sampler))
+        except MissingPrometheusClient as exc:
+            self._close_control()
+            raise ServerError(str(exc), EXIT_CONFIG) from None
+        except OSError as exc:
+            self._close_control()
+            raise ServerError(f"cannot listen for metrics on {host}:{port}: {exc.strerror or exc}", EXIT_LISTEN) from None
+        log.info("metrics at http://%s:%s/metrics", *self.metrics.address)
 
     def _configure_logging(self) -> None:
         """Log as ``serve`` does, unless the application has set up logging itself (a script)."""

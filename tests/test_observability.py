@@ -320,3 +320,126 @@ def test_a_second_server_on_the_same_control_socket_exits_1(obs_server, start_se
     assert second.proc.wait(60) == 1
     assert "in use by another server" in second.log()
     assert snapshot(first)["pid"] == first.pid
+
+
+# -- /metrics ------------------------------------------------------------------------------------
+
+ISSUE_METRICS = (
+    "simplerpc_rpcs_total", "simplerpc_rpc_duration_seconds", "simplerpc_connections",
+    "simplerpc_connections_accepted_total", "simplerpc_connections_closed_total", "simplerpc_inflight_rpcs",
+    "simplerpc_workers", "simplerpc_worker_restarts_total", "simplerpc_worker_rss_bytes",
+    "simplerpc_worker_cpu_seconds_total", "simplerpc_pushes_total", "simplerpc_pushes_dropped_total",
+    "simplerpc_output_buffer_bytes",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        return response.read().decode("utf-8")
+
+
+def samples(text: str) -> dict:
+    """{(name, frozenset(labels)): value} parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.fixture
+def metrics_server(obs_server):
+    def start(*args: str, workers: int = 2):
+        port = _free_port()
+        server = obs_server("--metrics-port", str(port), *args, workers=workers)
+        server.metrics_port = port
+        return server
+
+    return start
+
+
+def test_metrics_parse_and_carry_every_name_and_count(metrics_server):
+    server = metrics_server()
+    with server.client() as client:
+        for i in range(5):
+            client.call("echo", {"i": i})
+        with pytest.raises(RemoteError):
+            client.call("custom_fail", {})
+        text = scrape(server.metrics_port)
+    values = samples(text)
+    names = {name for name, _ in values}
+    for name in ISSUE_METRICS:
+        assert name in names or name + "_bucket" in names, name
+    assert values[("simplerpc_rpcs_total", frozenset({("op", "echo"), ("result", "OKAY")}))] == 5
+    assert values[("simplerpc_rpcs_total", frozenset({("op", "custom_fail"), ("result", "Custom")}))] == 1
+    assert values[("simplerpc_rpc_duration_seconds_count", frozenset({("op", "echo")}))] == 5
+    assert values[("simplerpc_rpc_duration_seconds_bucket", frozenset({("op", "echo"), ("le", "+Inf")}))] == 5
+    assert values[("simplerpc_connections", frozenset())] == 1
+    assert values[("simplerpc_connections_accepted_total", frozenset())] == 1
+    assert values[("simplerpc_workers", frozenset({("state", "idle")}))] == 2
+    assert values[("simplerpc_pushes_total", frozenset())] == 1
+    rss = [v for (name, labels), v in values.items() if name == "simplerpc_worker_rss_bytes"]
+    assert len(rss) == 2 and all(v > 0 for v in rss)
+
+
+def test_kill_9_shows_in_worker_restarts_total(metrics_server):
+    server = metrics_server()
+    victim = snapshot(server)["workers"][1]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    crashed = ("simplerpc_worker_restarts_total", frozenset({("reason", "crashed")}))
+    wait_until(lambda: samples(scrape(server.metrics_port))[crashed] == 1, 30, 0.1, "the crash in /metrics")
+
+
+def test_ten_thousand_unknown_op_names_leave_the_metrics_bounded(metrics_server):
+    server = metrics_server()
+    before = scrape(server.metrics_port)
+    names = 10_000
+    with socket.create_connection((server.host, server.port)) as sock:
+        reader = sock.makefile("rb")
+        sock.sendall(b"".join(b"made_up_%d{}\n" % i for i in range(names)))
+        answers = [reader.readline() for _ in range(names + 1)]  # the welcome push, then every answer
+        assert sum(a.startswith(b"FAIL") for a in answers) == names
+    after = scrape(server.metrics_port)
+    assert b"made_up" not in after.encode()
+    assert len(after) < len(before) + 2000  # the same series, with other numbers
+    other = samples(after)[("simplerpc_rpcs_total", frozenset({("op", "<other>"), ("result", "UnknownOpcode")}))]
+    assert other == names
+    assert not [op for op in snapshot(server)["ops"] if op.startswith("made_up")]
+
+
+def test_a_hostile_scraper_does_not_stall_the_loop(metrics_server):
+    server = metrics_server()
+    with socket.create_connection(("127.0.0.1", server.metrics_port)) as silent, \
+            socket.create_connection(("127.0.0.1", server.metrics_port)) as huge:
+        silent.sendall(b"GET /metr")  # and nothing more
+        huge.sendall(b"GET /metrics HTTP/1.1\r\n" + b"X: " + b"y" * 20000)
+        huge.settimeout(30)
+        assert huge.recv(100).startswith(b"HTTP/1.0 431")
+        with server.client() as client:
+            assert client.call("echo", {"x": 1}) == {"x": 1}
+        assert "simplerpc_rpcs_total" in scrape(server.metrics_port)
+    with socket.create_connection(("127.0.0.1", server.metrics_port)) as post:
+        post.sendall(b"POST /metrics HTTP/1.0\r\n\r\n")
+        post.settimeout(30)
+        assert post.recv(100).startswith(b"HTTP/1.0 405")
+
+
+def test_metrics_without_prometheus_client_is_one_line_and_exit_2(start_server, tmp_path):
+    fake = tmp_path / "prometheus_client"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('No module named prometheus_client')\n")
+    server = start_server("--metrics-port", str(_free_port()), "--control-socket", "", ready=False,
+                          env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])})
+    assert server.proc.wait(60) == 2
+    log = server.log()
+    assert "prometheus_client is not installed" in log and "Traceback" not in log
+    assert log.strip().count("\n") == 0
