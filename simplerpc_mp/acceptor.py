@@ -761,11 +761,13 @@ class Acceptor:
         """
         if conn.state == CLOSED:
             return
-        self.counters.closed_one(counted_as or kind.replace(" ", "_") or "other")
+        counted = counted_as or kind.replace(" ", "_") or "other"
+        self.counters.closed_one(counted)
+        fields = {"net_id": conn.net_id, "reason": counted}
         if kind:
-            self.log_limit.log(log, kind, level, "net_id %s closed: %s", conn.net_id, reason)
+            self.log_limit.log(log, kind, level, "net_id %s closed: %s", conn.net_id, reason, extra=fields)
         else:
-            log.log(level, "net_id %s closed: %s", conn.net_id, reason)
+            log.log(level, "net_id %s closed: %s", conn.net_id, reason, extra=fields)
         conn.state = CLOSED
         self.conns.pop(conn.net_id, None)
         try:

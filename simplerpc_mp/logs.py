@@ -1,7 +1,11 @@
 """Logging set-up, the same in the acceptor and in every spawned worker (which starts blank).
 
 Runs in every server process. ``log_format`` is ``text`` (one line, pid included) or ``json``
-(one object per line: time, level, pid, logger, message, and traceback when there is one).
+(one object per line: time, level, pid, logger, message, and traceback when there is one, plus
+the structured fields of ``FIELDS`` that a log call passes as ``extra``: ``net_id``, ``op``,
+``worker_id``, ``worker_pid``, ``reason``, and ``stack`` for a timed-out worker's stack dump).
+``pid`` is always the process that wrote the line; a line about a worker names it in
+``worker_id`` and ``worker_pid``.
 Calling ``configure_logging`` again (a reload) replaces the previous set-up and closes its file.
 
 ``RateLimitedLog`` keeps events a client can repeat at will (refused connections, overlong
@@ -17,13 +21,15 @@ import sys
 import time
 from typing import Callable, Hashable, TextIO
 
-__all__ = ["configure_logging", "RateLimitedLog", "LOG_REPEAT_INTERVAL_S"]
+__all__ = ["configure_logging", "RateLimitedLog", "LOG_REPEAT_INTERVAL_S", "FIELDS", "tag_records"]
 
 # One line a second per kind of event: enough to see that it goes on and how often (the count),
 # while 120,000 refused connections in 3 s wrote 16 MB of WARNING lines, one each.
 LOG_REPEAT_INTERVAL_S = 1.0
 
 _TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+# Structured fields a log call may give in ``extra``; json lines carry those present.
+FIELDS = ("net_id", "op", "worker_id", "worker_pid", "reason", "stack")
 
 
 class _JsonFormatter(logging.Formatter):
@@ -35,6 +41,10 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for field in FIELDS:
+            value = getattr(record, field, None)
+            if value is not None:
+                entry[field] = value
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -73,6 +83,19 @@ def configure_logging(log_level: str = "info", log_format: str = "text", log_fil
         root.addHandler(handler)
         root.setLevel(level)
     return handler.stream
+
+
+def tag_records(**fields) -> None:
+    """Give every log record of this process these attributes (a worker: its worker_id), so
+    json lines carry them; an ``extra`` of the same name on a call would then be refused."""
+    make = logging.getLogRecordFactory()
+
+    def tagged(*args, **kwargs) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        record.__dict__.update(fields)
+        return record
+
+    logging.setLogRecordFactory(tagged)
 
 
 def _remove_ours(logger: logging.Logger) -> bool:

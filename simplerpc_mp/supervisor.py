@@ -24,9 +24,11 @@ import multiprocessing
 import os
 import random
 import selectors
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections import deque
 
@@ -168,6 +170,7 @@ class Pool(Dispatch):
         self._contended = -1  # what the workers' BOARD_YIELD says (-1: to be written again)
         self._managing = False
         self._fd_reserve: list[int] = []  # see SPAWN_RESERVE_FDS
+        self._stack_dir = ""  # json logs: where workers' faulthandler dumps go (see _log_stack)
 
     # -- spawning ----------------------------------------------------------------------------
 
@@ -213,6 +216,8 @@ class Pool(Dispatch):
             "log_file": settings.log_file,
             "access_log": settings.access_log,
         }
+        if settings.log_format == "json":
+            log_settings["stack_file"] = self._stack_file(worker_id)
         limits = {
             "timeout": settings.timeout,
             "max_answer_bytes": settings.max_answer_bytes,
@@ -334,7 +339,8 @@ class Pool(Dispatch):
                         and other.generation == worker.generation):
                     other.spare, worker.spare = True, False
                     break
-        log.info("worker %s booted (pid %s)%s", worker.worker_id, worker.pid, " as a spare" if worker.spare else "")
+        log.info("worker %s booted (pid %s)%s", worker.worker_id, worker.pid, " as a spare" if worker.spare else "",
+                 extra=_fields(worker))
         self._hand_over()
         if not self.ever_booted:
             self.ever_booted = True
@@ -381,7 +387,8 @@ class Pool(Dispatch):
         worker.accepting = False
         worker.retire_reason = reason
         worker.restart_kind = kind
-        log.log(level, "worker %s (pid %s) retiring: %s", worker.worker_id, worker.pid, reason)
+        log.log(level, "worker %s (pid %s) retiring: %s", worker.worker_id, worker.pid, reason,
+                extra=_fields(worker, reason=kind or None))
         if not worker.jobs:
             self._send_stop(worker)
         self.manage()
@@ -417,19 +424,23 @@ class Pool(Dispatch):
         code = worker.process.exitcode
         how = _describe_exit(code)
         self._count_restart(worker)
+        self._log_stack(worker)
         if _failed_boot(worker):
             self._on_boot_failure(worker, how)
         elif worker.stopping and code == 0:
-            log.info("worker %s (pid %s) exited (%s)", worker.worker_id, worker.pid, worker.retire_reason or "stopped")
+            log.info("worker %s (pid %s) exited (%s)", worker.worker_id, worker.pid, worker.retire_reason or "stopped",
+                     extra=_fields(worker, reason=worker.restart_kind or None))
         elif worker.timed_out is not None:
-            log.info("worker %s (pid %s) killed after its timeout (%s)", worker.worker_id, worker.pid, how)
+            log.info("worker %s (pid %s) killed after its timeout (%s)", worker.worker_id, worker.pid, how,
+                     extra=_fields(worker, reason="timeout"))
         elif worker.killed_for:  # the supervisor's own decision: what it was, not a crash
             log.info("worker %s (pid %s) gone (%s): %s", worker.worker_id, worker.pid, how, worker.killed_for)
         elif not self.shutting_down or worker.jobs:
             self.crashes += 1
             running = self._describe_running(worker)
             hint = " (perhaps out of memory?)" if code == -signal.SIGKILL and worker.timed_out is None else ""
-            log.error("worker %s (pid %s) died: %s%s%s", worker.worker_id, worker.pid, how, hint, running)
+            log.error("worker %s (pid %s) died: %s%s%s", worker.worker_id, worker.pid, how, hint, running,
+                      extra=_fields(worker, reason="crashed", **self._running_fields(worker)))
             # Dying idle right after booting is a start-up failure (a crash loop), not an RPC's doing.
             if not worker.jobs and time.monotonic() - worker.booted_at < EARLY_DEATH_S:
                 self._recover_jobs(worker, how)
@@ -458,6 +469,41 @@ class Pool(Dispatch):
             kind = "crashed"
         self.acceptor.counters.restarted(kind, worker.worker_id, worker.pid, time.time())
 
+    def _stack_file(self, worker_id: int) -> str:
+        if not self._stack_dir:
+            self._stack_dir = tempfile.mkdtemp(prefix="simplerpc-mp-stacks-")
+        return os.path.join(self._stack_dir, f"worker-{worker_id}.txt")
+
+    def _log_stack(self, worker: WorkerHandle) -> None:
+        """With json logs, a worker's faulthandler dump (SIGUSR1, before a timeout or boot_timeout
+        kill) went to a file of its own: log it as one record, the stack in its ``stack`` field."""
+        if not self._stack_dir:
+            return
+        path = os.path.join(self._stack_dir, f"worker-{worker.worker_id}.txt")
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                stack = f.read()
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        if not stack.strip():
+            return
+        op = net_id = None
+        if worker.timed_out is not None:
+            job_id, line = worker.timed_out
+            job = next((j for j in worker.jobs if j.job_id == job_id), None)
+            if job is not None:
+                op, net_id = job.op_of(line), job.conn.net_id
+        reason = "timeout" if worker.timed_out is not None else "boot_timeout" if worker.killed_for else "stack dump"
+        log.error("worker %s (pid %s): stack at its kill (%s)", worker.worker_id, worker.pid, reason,
+                  extra={"worker_id": worker.worker_id, "worker_pid": worker.pid, "op": op, "net_id": net_id,
+                         "reason": reason, "stack": stack})
+
+    def _remove_stack_dir(self) -> None:
+        if self._stack_dir:
+            shutil.rmtree(self._stack_dir, ignore_errors=True)
+            self._stack_dir = ""
+
     @staticmethod
     def _cancel_timers(worker: WorkerHandle) -> None:
         for timer in (worker.check_timer, worker.kill_timer, worker.sweep_timer, worker.boot_timer):
@@ -469,6 +515,17 @@ class Pool(Dispatch):
         """Free the dead worker's descriptors now (its sentinel, its shared-memory arenas)."""
         worker.process.close()
         worker.board = worker.journal = None
+
+    @staticmethod
+    def _running_fields(worker: WorkerHandle) -> dict:
+        """``op`` and ``net_id`` of the RPC on the worker's board, for structured logs."""
+        if not worker.jobs or worker.board is None:
+            return {}
+        job_id, line = worker.board[ipc.BOARD_JOB], worker.board[ipc.BOARD_LINE]
+        for job in worker.jobs:
+            if job.job_id == job_id:
+                return {"op": job.op_of(line), "net_id": job.conn.net_id}
+        return {}
 
     def _describe_running(self, worker: WorkerHandle) -> str:
         if not worker.jobs:
@@ -622,6 +679,7 @@ class Pool(Dispatch):
             "worker %s (pid %s): op %r for net_id %s ran past its %.3gs timeout; "
             "dumping its stack and replacing the worker",
             worker.worker_id, worker.pid, job.op_of(line), job.conn.net_id, timeout_ms / 1000,
+            extra=_fields(worker, reason="timeout", op=job.op_of(line), net_id=job.conn.net_id),
         )
         try:
             os.kill(worker.pid, signal.SIGUSR1)  # faulthandler in the worker prints the stack
@@ -725,6 +783,7 @@ class Pool(Dispatch):
             self._forget(worker)
         self.workers.clear()
         self._free_fd_reserve()
+        self._remove_stack_dir()
 
     def kill_all(self) -> None:
         self.shutting_down = True
@@ -737,6 +796,7 @@ class Pool(Dispatch):
             self._forget(worker)
         self.workers.clear()
         self._free_fd_reserve()
+        self._remove_stack_dir()
 
     def _forget(self, worker: WorkerHandle) -> None:
         """A worker reaped at shutdown: events about it later in this loop pass are ignored."""
@@ -749,6 +809,11 @@ class Pool(Dispatch):
                 pass  # its pipe was unregistered already at EOF
         worker.sock.close()
         self._release(worker)
+
+
+def _fields(worker: WorkerHandle, **more) -> dict:
+    """Structured fields of a log line about a worker (json logs: logs.FIELDS)."""
+    return {"worker_id": worker.worker_id, "worker_pid": worker.pid, **more}
 
 
 def _failed_boot(worker: WorkerHandle) -> bool:

@@ -30,7 +30,7 @@ from .errors import (
     UNKNOWN_MESSAGE, UNKNOWN_REASON, AnswerTooLarge, SessionTooLarge, SimpleRPCException, UnknownOpcode,
 )
 from .handlers import Conn, Handlers, HandlerLoadError, PushLimit, load_handlers
-from .logs import RateLimitedLog, configure_logging
+from .logs import RateLimitedLog, configure_logging, tag_records
 from .protocol import decode_frame, encode_fail, encode_okay, split_lines
 from .scheduler import SLICE_NS
 
@@ -58,7 +58,12 @@ def worker_main(sock, board, journal, claim_lock, handlers_spec, options: dict, 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the acceptor decides when workers stop
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked while we booted
     log_stream = configure_logging(**log_settings)
-    # The stack dump before a timeout kill goes where the logs go (the log file, if any).
+    tag_records(worker_id=worker_id, worker_pid=os.getpid())  # json logs: every line names its worker
+    # The stack dump before a timeout kill goes where the logs go (the log file, if any); with
+    # json logs, to a file of its own that the acceptor logs as one record (supervisor.py).
+    stack_file = log_settings.get("stack_file")
+    if stack_file:
+        log_stream = open(stack_file, "w")  # (kept open: faulthandler writes to its descriptor)
     faulthandler.register(signal.SIGUSR1, file=log_stream or sys.stderr, all_threads=True)
     _set_title(f"simplerpc-mp worker {worker_id}")
     sock.setblocking(True)
@@ -389,6 +394,7 @@ class Worker:
             log.info(
                 "access net_id=%s op=%s answer=%s duration_ms=%.3f pid=%s",
                 conn.net_id, op, status, (time.perf_counter() - started) * 1000, self.pid,
+                extra={"net_id": conn.net_id, "op": op, "reason": status},
             )
         return answer
 
@@ -396,6 +402,7 @@ class Worker:
         """Log a handler's bug at most about once a second per op and kind: a client calling a
         failing op in a loop must not flood the log with tracebacks. (Ops without a handler of
         their own share one key: their names come from clients.)"""
+        kwargs.setdefault("extra", {"op": op[:100]})
         self.log_limit.log(log, (kind, op if op in self.ops else None), level, msg, *args, **kwargs)
 
     def fail_answer(self, exc: SimpleRPCException, op: str, conn: Conn) -> bytes:

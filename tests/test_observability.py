@@ -443,3 +443,38 @@ def test_metrics_without_prometheus_client_is_one_line_and_exit_2(start_server, 
     log = server.log()
     assert "prometheus_client is not installed" in log and "Traceback" not in log
     assert log.strip().count("\n") == 0
+
+
+# -- structured logs -------------------------------------------------------------------------
+
+def _records(server) -> list[dict]:
+    records = []
+    for line in server.log().splitlines():
+        if line.strip():
+            records.append(json.loads(line))  # every line is one JSON object: no raw stack text
+    return records
+
+
+def test_json_logs_carry_fields_and_a_timed_out_worker_stack_is_one_record(obs_server):
+    server = obs_server("--log-format", "json", "--access-log")
+    with server.client() as client:
+        assert client.call("echo", {}) == {}
+        with pytest.raises(RemoteError, match="Timeout"):
+            client.call("hang_short", {})
+        assert client.call("echo", {}) == {}
+    server.wait_log(r'"stack": ', 30)
+    records = wait_until(lambda: (r := _records(server)) and any(x.get("reason") == "timeout" and "stack" in x for x in r)
+                         and r, 30, what="the stack record")
+    stack = [r for r in records if "stack" in r]
+    assert len(stack) == 1
+    record = stack[0]
+    assert record["op"] == "hang_short" and isinstance(record["net_id"], int) and record["level"] == "ERROR"
+    assert isinstance(record["worker_id"], int) and record["worker_pid"] != server.pid
+    assert "hang_short" in record["stack"] and "File " in record["stack"]  # faulthandler's frames
+    timed_out = [r for r in records if r.get("reason") == "timeout" and "ran past" in r["message"]]
+    assert timed_out and timed_out[0]["op"] == "hang_short" and timed_out[0]["net_id"] == record["net_id"]
+    access = [r for r in records if r["message"].startswith("access ")]
+    assert access and access[0]["op"] == "echo" and access[0]["reason"] == "OKAY" and "worker_id" in access[0]
+    booted = [r for r in records if "booted" in r["message"]]
+    assert booted and all("worker_id" in r and "worker_pid" in r for r in booted)
+    assert snapshot(server)["restarts"]["timeout"] == 1
