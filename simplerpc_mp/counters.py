@@ -122,40 +122,44 @@ class Counters:
         named[OTHER] = self.other
         return named
 
-    def _stats_of(self, op: bytes) -> OpStats:
-        return self.ops.get(op) or self.other
-
-    def _line_stats(self, job, first: int, count: int):
+    def _line_stats(self, job):
         """The OpStats of the job's lines (one object when they all call one op, else a list
-        per line), found once per job and kept on it."""
-        found = job.op_stats
-        if found is None:
-            payload = job.payload
-            end = payload.find(b"\n")
-            brace = payload.find(b"{", 0, end)
-            op = payload[:brace] if brace >= 0 else payload[:end]
-            if job.count <= 1 or payload.count(b"\n" + op + b"{") == job.count - 1:
-                found = self._stats_of(op)
-            else:
-                found = [self._stats_of(line.partition(b"{")[0]) for line in payload.split(b"\n")[:-1]]
-            job.op_stats = found
+        per line), found once per job and kept on it. The op of the first line is what comes
+        before its first brace (a line without one gets no registered op: the slice then holds
+        an LF); the other lines call it too iff the job holds count-1 more "LF op {"."""
+        payload = job.payload
+        op = payload[:payload.find(b"{")]
+        count = job.count
+        if count <= 1 or payload.count(b"\n" + op + b"{") == count - 1:
+            found = self.ops.get(op) or self.other
+        else:
+            ops, other = self.ops, self.other
+            found = [ops.get(line.partition(b"{")[0]) or other for line in payload.split(b"\n")[:-1]]
+        job.op_stats = found
         return found
 
     def reply(self, job, first: int, count: int, answers: bytes, now: float) -> None:
-        """``count`` answers (lines ``first ..`` of ``job``) from a worker, at ``now``."""
-        found = job.op_stats if job.op_stats is not None else self._line_stats(job, first, count)
+        """``count`` answers (lines ``first ..`` of ``job``) from a worker, at ``now``.
+
+        A few hundred nanoseconds per reply (a reply answers one or many lines): the op found
+        once per job, one bisect, and a memchr for "F" before any search for a FAIL line.
+        """
+        found = job.op_stats
+        if found is None:
+            found = self._line_stats(job)
         elapsed = now - job.arrived
         index = bisect_left(BOUNDS, elapsed)
+        # A FAIL line starts with F; an answer without any F has none (memchr, ~70 ns).
+        has_fail = answers.find(b"F") >= 0 and (answers.startswith(b"FAIL{") or b"\nFAIL{" in answers)
         if type(found) is OpStats:
             found.count += count
             found.buckets[index] += count
             found.sum_s += elapsed * count
-            if answers.startswith(b"FAIL{") or b"\nFAIL{" in answers:
+            if has_fail:
                 for line in answers.split(b"\n"):
                     if line.startswith(b"FAIL{"):
                         found.add_fail(_reason(line))
             return
-        has_fail = answers.startswith(b"FAIL{") or b"\nFAIL{" in answers
         lines = answers.split(b"\n") if has_fail else ()
         for offset in range(count):
             stats = found[first + offset]
@@ -169,7 +173,7 @@ class Counters:
         """Lines ``start .. end-1`` of ``job`` answered FAIL ``reason`` by the server itself."""
         if end <= start or not job.count:
             return
-        found = job.op_stats if job.op_stats is not None else self._line_stats(job, start, end - start)
+        found = job.op_stats if job.op_stats is not None else self._line_stats(job)
         elapsed = now - job.arrived
         index = bisect_left(BOUNDS, elapsed)
         for line in range(start, end):
