@@ -170,13 +170,14 @@ class Session:
 class ControlServer:
     """The listening Unix socket; ``handle(request) -> answer dict`` runs each command."""
 
-    def __init__(self, path: str, selector: selectors.BaseSelector, timers, handle):
+    def __init__(self, path: str, selector: selectors.BaseSelector, timers, handle, private_dir: bool = True):
+        """``private_dir``: the directory is ours alone (the default path): made 0700 if it is not."""
         self.path = path
         self.selector = selector
         self.timers = timers
         self.handle = handle
         self.clients: set[ControlConnection] = set()
-        self.sock = _bind(path)
+        self.sock = _bind(path, private_dir)
         self._inode = os.stat(path).st_ino
         self.sock.setblocking(False)
         selector.register(self.sock, READ, self)
@@ -318,16 +319,18 @@ class ControlConnection:
         self.server.clients.discard(self)
 
 
-def _bind(path: str) -> socket.socket:
-    """A listening socket at ``path``, mode 0600, its directory made 0700 if we create it (or
-    if it is the default one); ``OSError`` with a clear message when that cannot be."""
+def _bind(path: str, private_dir: bool) -> socket.socket:
+    """A listening socket at ``path``, mode 0600, its directory made 0700 if we create it (and,
+    for the default path, if it exists with more); ``OSError`` with a clear message when that
+    cannot be. A path the user chose sits where they put it: the socket's own 0600 guards it."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    info = os.stat(directory)
-    if info.st_uid != os.getuid():
-        raise OSError(errno.EPERM, f"directory {directory} of the control socket belongs to another user")
-    if info.st_mode & 0o077 and os.path.basename(directory) in ("simplerpc-mp", ".simplerpc-mp"):
-        os.chmod(directory, 0o700)  # ours, and meant for nothing else
+    if private_dir:
+        info = os.stat(directory)
+        if info.st_uid != os.getuid():
+            raise OSError(errno.EPERM, f"directory {directory} of the control socket belongs to another user")
+        if info.st_mode & 0o077:
+            os.chmod(directory, 0o700)  # ours, and meant for nothing else
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:

@@ -199,7 +199,8 @@ class Server:
         if not path:
             return
         try:
-            self.control = ControlServer(path, self._selector, self.timers, Commands(self, self.sampler))
+            self.control = ControlServer(path, self._selector, self.timers, Commands(self, self.sampler),
+                                         private_dir=self.settings.control_socket == "auto")
         except OSError as exc:
             raise ServerError(f"cannot open control socket {path}: {exc.strerror or exc}", EXIT_LISTEN) from None
         log.debug("control socket at %s", path)

@@ -245,7 +245,9 @@ def test_control_socket_off_and_found_through_config(obs_server, runtime_dir, tm
 
 
 def test_scale_then_stats_shows_one_more_worker(obs_server, runtime_dir):
+    os.mkdir(os.path.join(runtime_dir, "simplerpc-mp"), 0o755)  # the default directory, too open
     server = obs_server(workers=1)
+    assert stat.S_IMODE(os.stat(os.path.dirname(server.control_path)).st_mode) == 0o700
     result = cli("scale", "+1", "--port", str(server.port), runtime_dir=runtime_dir)
     assert "1 -> 2" in result.stdout
     wait_until(lambda: [w["state"] for w in snapshot(server)["workers"]] == ["idle", "idle"], 60, 0.05, "two idle workers")
