@@ -214,7 +214,7 @@ class MetricsServer:
 
 
 class MetricsConnection:
-    __slots__ = ("server", "sock", "rbuf", "wbuf", "timer", "events")
+    __slots__ = ("server", "sock", "rbuf", "wbuf", "timer", "events", "draining")
 
     def __init__(self, server: MetricsServer, sock: socket.socket):
         self.server = server
@@ -223,14 +223,27 @@ class MetricsConnection:
         self.rbuf = b""
         self.wbuf = bytearray()
         self.events = READ
+        self.draining = False  # answered: reading what the client still sends until it closes
         self.timer = server.timers.call_later(TIMEOUT_S, self.close)
         server.selector.register(sock, READ, self)
 
     def on_event(self, mask: int) -> None:
-        if mask & READ and not self.wbuf:
+        if self.draining:
+            self._drain()
+        elif mask & READ and not self.wbuf:
             self._read()
         elif mask & WRITE:
             self._send()
+
+    def _drain(self) -> None:
+        try:
+            data = self.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
 
     def _read(self) -> None:
         try:
@@ -292,7 +305,18 @@ class MetricsConnection:
             return
         del self.wbuf[:sent]
         if not self.wbuf:
-            self.close()
+            # Half-close and wait for the client's EOF (or the timeout): closing with its unread
+            # bytes still here (a 431 for an overlong head) would send RST, which can destroy
+            # the answer before the client has read it.
+            self.draining = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self.close()
+                return
+            if self.events != READ:
+                self.server.selector.modify(self.sock, READ, self)
+                self.events = READ
         elif self.events != WRITE:
             self.server.selector.modify(self.sock, WRITE, self)
             self.events = WRITE
