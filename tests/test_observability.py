@@ -480,3 +480,23 @@ def test_json_logs_carry_fields_and_a_timed_out_worker_stack_is_one_record(obs_s
     booted = [r for r in records if "booted" in r["message"]]
     assert booted and all("worker_id" in r and "worker_pid" in r for r in booted)
     assert snapshot(server)["restarts"]["timeout"] == 1
+
+
+def test_top_frame_stays_readable_with_64_workers():
+    from rich.console import Console
+
+    from simplerpc_mp.dashboard import Rates, top_frame
+
+    workers = [{"worker_id": i, "pid": 1000 + i, "state": "busy" if i % 8 == 0 else "idle", "op": "slow" if i % 8 == 0 else None,
+                "net_id": i if i % 8 == 0 else None, "running_s": i / 10 if i % 8 == 0 else None, "rpcs": i * 100,
+                "cpu_percent": 50.0, "rss_bytes": 20 << 20, "age_s": 60.0} for i in range(1, 65)]
+    snap = {"version": "x", "pid": 1, "uptime_s": 60.0, "connections": 10_000, "inflight": 500, "rpcs_total": 10**6,
+            "pushes_total": 0, "pushes_dropped": 0, "output_buffer_bytes": 0, "workers": workers,
+            "ops": {"slow": {"count": 10**6, "fail": 0, "p50_ms": 1.0, "p99_ms": 2.0, "fails": {}}},
+            "restarts": {"crashed": 0}, "recent_restarts": []}
+    console = Console(width=160, record=True)
+    console.print(top_frame(snap, Rates().update(snap), height=40))
+    text = console.export_text()
+    assert len(text.splitlines()) <= 45
+    assert "more: 50 idle" in text  # the 8 busy workers shown first, the idle ones that fit, the rest summed up
+    assert all(str(1000 + i) in text for i in range(8, 65, 8))
