@@ -500,3 +500,17 @@ def test_top_frame_stays_readable_with_64_workers():
     assert len(text.splitlines()) <= 45
     assert "more: 50 idle" in text  # the 8 busy workers shown first, the idle ones that fit, the rest summed up
     assert all(str(1000 + i) in text for i in range(8, 65, 8))
+
+
+def test_closed_counts_by_reason(obs_server):
+    server = obs_server("--idle-timeout", "0.3", "--max-connections", "1")
+    with socket.create_connection((server.host, server.port)) as first:
+        first.settimeout(30)
+        with socket.create_connection((server.host, server.port)) as refused:
+            refused.settimeout(30)
+            assert b"TooManyConnections" in refused.makefile("rb").readline()
+        assert first.makefile("rb").readline().startswith(b"welcome{")  # on_connect's push
+        while first.recv(4096):  # the server closes it once idle
+            pass
+    closed = wait_until(lambda: (c := snapshot(server)["closed"])["idle_timeout"] == 1 and c, 30, 0.05, "the idle close")
+    assert closed["max_connections"] == 1 and closed["output_hard_limit"] == 0
