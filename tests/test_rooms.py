@@ -539,3 +539,29 @@ def test_join_leave_storm_returns_to_empty(rooms_server):
     stats = server.wait_stats(timeout=60, rooms=0, room_members=0, connections=0, conn_entries=0, cached=0)
     assert stats["largest_rooms"] == [] and baseline["largest_rooms"] == []
     assert stats["room_joins"] == stats["room_leaves"]
+
+
+def test_demo_messenger_rooms(start_server):
+    """The built-in demo (and workers/messenger.py): join, leave, say, rooms."""
+    server = start_server()
+    with server.client() as a, server.client() as b:
+        got_a, got_b = [], []
+        a.on("message", got_a.append)
+        b.on("message", got_b.append)
+        assert a.call("join", {"room": "general"}) == {"rooms": ["general"]}
+        assert b.call("join", {"room": "general"}) == {"rooms": ["general"]}
+        assert b.call("join", {"room": "dev"}) == {"rooms": ["dev", "general"]}
+        assert b.call("rooms") == {"rooms": ["dev", "general"]}
+        a_id = a.call("whoami")["net_id"]
+        a.call("say", {"room": "general", "msg": "hello"})
+        assert got_a == [{"room": "general", "from": a_id, "msg": "hello"}]
+        wait_until(lambda: (b.poll(0.05), got_b)[1], what="b's message")
+        assert got_b == got_a
+        assert b.call("leave", {"room": "general"}) == {"rooms": ["dev"]}
+        a.call("say", {"room": "general", "msg": "only me"})
+        assert [m["msg"] for m in got_a] == ["hello", "only me"]
+        for bad in ({}, {"room": ""}, {"room": 3}):
+            with pytest.raises(RemoteError) as failed:
+                a.call("join", bad)
+            assert failed.value.reason in ("ArgumentMissing", "ArgumentValueError"), failed.value
+        assert b.call("rooms") == {"rooms": ["dev"]} and got_b == got_a[:1]
