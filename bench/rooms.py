@@ -13,7 +13,9 @@ output. Reported: deliveries per second (pushes received by the clients, over th
 and the acceptor's CPU per delivery (the server's main process, ``psutil``, sampled after the
 barrier and after the last round). The client side is a single Python loop reading N sockets,
 so deliveries/s is bounded by it for both alike: the CPU per delivery is the acceptor's own
-cost. Prints one markdown table, with the room's figures as ratios of rpc_all's.
+cost. The last rows time the acceptor's fan-out loop alone, in this process (no sockets), which
+the machine's noise hardly touches. Prints one markdown table, with the room's figures as ratios
+of rpc_all's.
 """
 
 from __future__ import annotations
@@ -169,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.wait_ready()
         for members in args.members:
-            for _ in range(args.repeat):
-                for mode in MODES:  # in turn, so the machine's drifts hit both alike
+            for repeat in range(args.repeat):
+                # In turn, and each first every other time, so the machine's drifts hit both alike.
+                for mode in (list(MODES) if repeat % 2 == 0 else list(MODES)[::-1]):
                     result = measure(server, mode, members, duration)
                     results.append(result)
                     print(f"# {mode} x {members}: {result['deliveries_per_s']:,.0f} deliveries/s, "
@@ -178,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{result['errors']} errors", file=sys.stderr, flush=True)
     finally:
         server.stop()
-    print(table(results, args))
+    loops = {members: fanout_loop_ns(members) for members in args.members}
+    print(table(results, loops, args))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "date": datetime.date.today().isoformat(), "python": platform.python_version(),
@@ -187,7 +191,41 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(r["errors"] for r in results) else 0
 
 
-def table(results: list[dict], args) -> str:
+def fanout_loop_ns(members: int, runs: int = 50) -> dict:
+    """The acceptor's fan-out loop alone, in this process (no sockets, no syscalls): ns per
+    delivery of ``Acceptor.push(BROADCAST)`` and of ``Acceptor.push_room``, median of 5."""
+    import selectors as _selectors
+
+    from simplerpc_mp.acceptor import Acceptor, Connection
+    from simplerpc_mp.config import Settings
+    from simplerpc_mp.handlers import BROADCAST
+    from simplerpc_mp.timers import Timers
+
+    acceptor = Acceptor(Settings(), _selectors.DefaultSelector(), Timers())
+    for index in range(members):
+        conn = Connection.__new__(Connection)  # only what the push path reads
+        conn.net_id, conn.wbuf, conn.events = index + 1, bytearray(), _selectors.EVENT_READ
+        acceptor.conns[conn.net_id] = conn
+        acceptor.rooms.join(conn.net_id, "bench")
+    frame = b'news{"headline":"all hands"}\n'
+    pushes = {"rpc_all": lambda: acceptor.push(BROADCAST, frame), "rpc_room": lambda: acceptor.push_room("bench", frame)}
+    timings: dict[str, list[float]] = {mode: [] for mode in pushes}
+    for _ in range(5):
+        for mode, push in pushes.items():
+            elapsed = 0.0
+            for _ in range(runs):
+                for conn in acceptor.conns.values():
+                    conn.wbuf.clear()
+                acceptor.dirty.clear()
+                acceptor.output_bytes = 0
+                start = time.perf_counter()
+                push()
+                elapsed += time.perf_counter() - start
+            timings[mode].append(elapsed / runs / members * 1e9)
+    return {mode: statistics.median(values) for mode, values in timings.items()}
+
+
+def table(results: list[dict], loops: dict, args) -> str:
     def median(mode: str, members: int, key: str) -> float:
         return statistics.median(r[key] for r in results if r["mode"] == mode and r["members"] == members)
 
@@ -206,6 +244,12 @@ def table(results: list[dict], args) -> str:
         lines.append(
             f"| {members:,} | {all_rate:,.0f} | {room_rate:,.0f} | **{room_rate / all_rate:.2f}x** | "
             f"{all_cpu:.2f} µs | {room_cpu:.2f} µs | **{room_cpu / all_cpu:.2f}x** |"
+        )
+    for members in args.members:
+        loop = loops[members]
+        lines.append(
+            f"| {members:,}: the acceptor's fan-out loop alone (in process, no syscalls) | | | | "
+            f"{loop['rpc_all']:.0f} ns | {loop['rpc_room']:.0f} ns | **{loop['rpc_room'] / loop['rpc_all']:.2f}x** |"
         )
     errors = sum(r["errors"] for r in results)
     lines.append("")
