@@ -39,13 +39,15 @@ _EMPTY: frozenset = frozenset()
 
 def check_room(room) -> str:
     """The room name, or ``ValueError``: a non-empty ``str`` of at most 200 characters."""
-    if type(room) is not str and not isinstance(room, str):
-        raise ValueError(f"room name must be a str, got {type(room).__name__}")
+    if type(room) is not str:
+        if not isinstance(room, str):
+            raise ValueError(f"room name must be a str, got {type(room).__name__}")
+        room = str.__str__(room)  # a plain str: a subclass's own methods are not trusted (or pickled)
     if not room:
         raise ValueError("room name must not be empty")
     if len(room) > MAX_ROOM_CHARS:
         raise ValueError(f"room name is {len(room)} characters, over {MAX_ROOM_CHARS}")
-    return str(room)  # (a str subclass becomes a plain str: it is pickled to the acceptor)
+    return room
 
 
 class Rooms:

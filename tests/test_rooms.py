@@ -220,6 +220,21 @@ def test_rooms_table_mirrors_and_frees():
     assert stats["rooms"] == 0 and stats["room_members"] == 0 and stats["largest_rooms"] == []
 
 
+def test_check_room():
+    from simplerpc_mp.rooms import check_room
+
+    class Sneaky(str):  # a subclass's own methods are not trusted: the plain string is used
+        def __len__(self):
+            return 0
+
+    assert check_room("é" * 200) == "é" * 200
+    plain = check_room(Sneaky("abc"))
+    assert type(plain) is str and plain == "abc"
+    for bad in ("", "x" * 201, Sneaky("x" * 201), b"bytes", 3, None):
+        with pytest.raises(ValueError):
+            check_room(bad)
+
+
 def test_conn_rooms_reflect_own_joins_and_leaves_in_order():
     pushes: list = []
     conn = Conn(7, {}, pushes, rooms=frozenset({"a"}), max_rooms=3)
