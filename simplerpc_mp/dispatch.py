@@ -183,7 +183,10 @@ class Dispatch:
             if session is not None or job.kind == ipc.DISCONNECT:
                 session = self._session_for(worker, job)
             net_id = job.conn.net_id
-            items.append((job.job_id, job.kind, net_id, job.payload, session, rooms.rooms_of(net_id) if in_rooms else None))
+            room_set = None
+            if in_rooms or job.kind == ipc.DISCONNECT:
+                room_set = self._rooms_for(worker, job, rooms.shipped(net_id))
+            items.append((job.job_id, job.kind, net_id, job.payload, session, room_set))
         self.next_job_id = job_id
         worker.jobs.extend(batch)
         worker.batches.append(job_id - 1)
@@ -202,6 +205,16 @@ class Dispatch:
         """The job's session as this worker is sent it: ``HELD`` if it has the current one."""
         conn = job.conn
         return worker.sessions.ship(conn.net_id, job.kind, conn.session_version, conn.session)
+
+    @staticmethod
+    def _rooms_for(worker: WorkerHandle, job: Job, shipped):
+        """The job's rooms field: None for none, ``HELD`` if this worker has the current set,
+        else the frozenset (kept in step with the worker's copy exactly as sessions are)."""
+        if shipped is None:
+            if job.kind != ipc.DISCONNECT:
+                return None
+            shipped = (0, None)
+        return worker.room_sets.ship(job.conn.net_id, job.kind, shipped[0], shipped[1])
 
     def _write(self, worker: WorkerHandle, data: bytes) -> None:
         if worker.wbuf:

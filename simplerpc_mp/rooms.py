@@ -54,7 +54,7 @@ class Rooms:
     """The membership table (see the module docstring) and its counters."""
 
     __slots__ = (
-        "room_members", "conn_rooms", "max_per_connection", "opened", "freed", "_frozen",
+        "room_members", "conn_rooms", "max_per_connection", "opened", "freed", "_frozen", "_versions",
         "memberships", "joins", "leaves", "joins_refused", "ops_dropped", "pushes", "pushes_empty", "deliveries",
     )
 
@@ -64,7 +64,10 @@ class Rooms:
         self.max_per_connection = max_per_connection
         self.opened: Callable[[str], None] | None = None
         self.freed: Callable[[str], None] | None = None
-        self._frozen: dict[int, frozenset] = {}  # rooms_of() results, dropped on change
+        # shipped() results, (version, frozenset), dropped on change; versions are never reused,
+        # so a worker holding a connection's set (ipc.SessionCache) can be told it is unchanged.
+        self._frozen: dict[int, tuple[int, frozenset]] = {}
+        self._versions = 0
         self.memberships = 0  # sum of the members of every room
         self.joins = 0
         self.leaves = 0
@@ -137,15 +140,21 @@ class Rooms:
         return self.room_members.get(room, _EMPTY)
 
     def rooms_of(self, net_id: int) -> frozenset | None:
-        """The connection's rooms as a frozenset (cached until they change), None if in none:
-        what a job ships to the worker as ``conn.rooms``."""
-        frozen = self._frozen.get(net_id)
-        if frozen is None:
+        """The connection's rooms as a frozenset, None if in none."""
+        shipped = self.shipped(net_id)
+        return None if shipped is None else shipped[1]
+
+    def shipped(self, net_id: int) -> tuple[int, frozenset] | None:
+        """``(version, rooms)``: what a job ships to the worker as ``conn.rooms`` (cached until
+        they change; the version changes with them), None if in no room."""
+        shipped = self._frozen.get(net_id)
+        if shipped is None:
             rooms = self.conn_rooms.get(net_id)
             if rooms is None:
                 return None
-            frozen = self._frozen[net_id] = frozenset(rooms)
-        return frozen
+            self._versions += 1
+            shipped = self._frozen[net_id] = (self._versions, frozenset(rooms))
+        return shipped
 
     def stats(self, largest: int = 10) -> dict:
         """Counts for stats/metrics: how many rooms, memberships, the largest rooms and pushes."""

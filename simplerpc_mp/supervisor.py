@@ -93,7 +93,7 @@ class WorkerHandle:
         "booted", "accepting", "stopping", "dead", "lines_sent", "max_lines", "generation",
         "check_timer", "sweep_timer", "timed_out", "boot_error", "retire_reason", "kill_timer", "booted_at",
         "claim_lock", "spare", "yield_flag", "last_done_ns", "overdue", "sessions",
-        "boot_timer", "killed_for",
+        "boot_timer", "killed_for", "room_sets",
     )
 
     def __init__(self, worker_id: int, process, sock: socket.socket, board, journal, generation: int, max_lines: int,
@@ -129,6 +129,7 @@ class WorkerHandle:
         self.last_done_ns = 0  # when its last job finished (the scheduler's cost measurements)
         self.overdue: tuple | None = None  # the board as first seen past its deadline (check_deadline)
         self.sessions = ipc.SessionCache()  # which connections' sessions it holds (see ipc)
+        self.room_sets = ipc.SessionCache()  # and which connections' rooms, the same way
         self.boot_timer = None  # boot_timeout
         self.killed_for = ""  # why the supervisor killed it, if it did: its exit is no crash
 

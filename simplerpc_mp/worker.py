@@ -154,6 +154,7 @@ class Worker:
         self.max_rooms = max_rooms  # max_rooms_per_connection, checked by conn.join
         self.push_limit = PushLimit(max_answer_bytes)  # .dropped counts the pushes dropped
         self.held = ipc.SessionCache()  # the sessions the acceptor may send as HELD (see ipc)
+        self.held_rooms = ipc.SessionCache()  # and the connections' rooms, the same way
         # The FAIL of an RPC whose session change session_change refused, for finished() to send
         # in place of its answer; and what ran last, for that refusal's log line.
         self.session_refusal: bytes | None = None
@@ -235,11 +236,19 @@ class Worker:
 
     def take_sessions(self, jobs: list) -> list:
         """Replace each job's session field by the pickled session it stands for (``HELD``
-        included), in order, for every job received: see ipc's docstring."""
+        included), and its rooms field by the rooms, in order, for every job received: see
+        ipc's docstring."""
         held = self.held
+        held_rooms = self.held_rooms
         for index, job in enumerate(jobs):
-            if job[4] is not None or job[1] == ipc.DISCONNECT:
-                jobs[index] = job[:4] + (held.take(job[2], job[1], job[4]),) + job[5:]
+            session, rooms = job[4], job[5]
+            disconnect = job[1] == ipc.DISCONNECT
+            if session is not None or rooms is not None or disconnect:
+                if session is not None or disconnect:
+                    session = held.take(job[2], job[1], session)
+                if rooms is not None or disconnect:
+                    rooms = held_rooms.take(job[2], job[1], rooms)
+                jobs[index] = (job[0], job[1], job[2], job[3], session, rooms)
         return jobs
 
     def run_batch(self, jobs: list) -> None:

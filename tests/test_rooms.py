@@ -220,6 +220,39 @@ def test_rooms_table_mirrors_and_frees():
     assert stats["rooms"] == 0 and stats["room_members"] == 0 and stats["largest_rooms"] == []
 
 
+def test_rooms_travel_once_per_worker_until_they_change():
+    """The pool's and the worker's copies of a connection's rooms stay in step (as sessions do):
+    a set already sent to a worker goes as HELD, a changed one afresh."""
+    from types import SimpleNamespace
+
+    from simplerpc_mp import ipc
+    from simplerpc_mp.dispatch import Dispatch
+    from simplerpc_mp.worker import Worker
+
+    rooms = Rooms()
+    handle = SimpleNamespace(room_sets=ipc.SessionCache())
+    worker = Worker.__new__(Worker)
+    worker.held, worker.held_rooms = ipc.SessionCache(), ipc.SessionCache()
+
+    def ship(kind=ipc.SERIAL):
+        job = SimpleNamespace(conn=SimpleNamespace(net_id=1), kind=kind)
+        field = Dispatch._rooms_for(handle, job, rooms.shipped(1))
+        return field, worker.take_sessions([(1, kind, 1, b"", None, field)])[0][5]
+
+    assert ship() == (None, None)
+    rooms.join(1, "a")
+    assert ship() == (frozenset({"a"}), frozenset({"a"}))
+    assert ship() == (ipc.HELD, frozenset({"a"}))
+    rooms.join(1, "b")
+    assert ship() == (frozenset({"a", "b"}), frozenset({"a", "b"}))
+    assert ship() == (ipc.HELD, frozenset({"a", "b"}))
+    rooms.leave_all(1)
+    assert ship(ipc.DISCONNECT) == (None, None)
+    assert not handle.room_sets.entries and not worker.held_rooms.entries
+    rooms.join(1, "a")  # a set equal to one sent before still travels: its version is new
+    assert ship() == (frozenset({"a"}), frozenset({"a"}))
+
+
 def test_check_room():
     from simplerpc_mp.rooms import check_room
 
@@ -319,6 +352,36 @@ def test_join_and_push_across_workers(rooms_server, tmp_path):
     assert joiner.call("join", {"room": "r2"})["rooms"] == ["r2"]  # its pushes would come first
     assert _msgs(joiner) == ["across"]
     server.wait_stats(rooms=1, room_members=1, room_pushes=2, room_pushes_empty=1)
+
+
+def test_later_rpcs_see_membership_with_the_workers_caches(rooms_server):
+    """Each worker keeps the rooms it was sent per connection (shipped again only when they
+    change): whatever worker runs the next RPC, and whoever changed them, it sees them as they are."""
+    server = rooms_server()
+    a, moderator = Member(server), Member(server)
+    expected: set[str] = set()
+    pids = set()
+    for step in range(40):
+        if step % 4 == 3:
+            room = f"r{step - 2}"
+            a.call("leave", {"room": room})
+            expected.discard(room)
+        elif step % 4 == 2:
+            room = f"m{step}"
+            moderator.call("join_to", {"net_id": a.net_id, "room": room})  # not by a's own RPC
+            expected.add(room)
+        else:
+            room = f"r{step}"
+            a.call("join", {"room": room})
+            expected.add(room)
+        for _ in range(2):
+            seen = a.call("rooms")
+            pids.add(seen["pid"])
+            assert set(seen["rooms"]) == expected, (step, seen)
+    # Pipelined: one job of several lines, each line seeing the ones before it.
+    for index in range(5):
+        a.client.rpc("join", {"room": f"p{index}"}, None)
+    assert set(a.call("rooms")["rooms"]) == expected | {f"p{index}" for index in range(5)}
 
 
 def test_exclude_self(rooms_server):
