@@ -149,6 +149,12 @@ class Cluster:
             self.cmd.command(["EVAL", _RELEASE, 2, node_key(self.name), self._number_key(), self.token])
         self.cmd.close()
         self.sub.close()
+        log.info(
+            "cluster: node %s left (pushes to other nodes: %d, rpc_all published: %d, messages received: %d; "
+            "dropped: %d while Redis was away, %d over cluster_buffer_bytes, %d to a node that has gone)",
+            self.name, self.forwarded, self.broadcasts, self.received, self.dropped_down, self.dropped_buffer,
+            self.dropped_no_node,
+        )
 
     # -- routing (called by the acceptor) ----------------------------------------------------
 

@@ -1,0 +1,270 @@
+"""A cluster of servers over a real Redis (tests/redis_fixture.py): pushes across nodes, Redis
+outages, a node killed, a duplicate node_name, a node started before Redis.
+
+Every node is a real ``simplerpc-mp serve`` with worker processes; tests wait on answers, pushes
+and log lines with deadlines, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import pytest
+
+from simplerpc_mp import RemoteError
+from tests.conftest import RunningServer, kill_process_tree, wait_until
+from tests.redis_fixture import RedisServer, free_port, redis_server  # noqa: F401 (a fixture)
+
+pytest.importorskip("hiredis")
+
+HANDLERS = "tests.handlers.cluster_ops"
+TTL = "1"  # cluster_node_ttl: a killed node leaves within a second
+LOCAL_ID_LIMIT = 2**32  # net_ids below it are a node's own, before it joins
+
+
+class Nodes:
+    """Nodes started by a test (or a module), killed at teardown."""
+
+    def __init__(self):
+        self.started: list[RunningServer] = []
+
+    def start(self, url: str, *args: str, workers: int = 2, ready: bool = True, name: str = "") -> RunningServer:
+        full = ["--host", "127.0.0.1", "--port", "0", "--workers", str(workers), "--handlers", HANDLERS,
+                "--cluster", url, "--cluster-node-ttl", TTL, *args]
+        if name:
+            full += ["--node-name", name]
+        server = RunningServer(full)
+        self.started.append(server)
+        if ready:
+            server.wait_ready()
+        return server
+
+    def joined(self, server: RunningServer, count: int = 1) -> None:
+        server.wait_log(r"joined the cluster|is back after", timeout=20, count=count)
+
+    def kill_all(self) -> None:
+        for server in self.started:
+            server.kill()
+
+
+@pytest.fixture
+def nodes():
+    started = Nodes()
+    yield started
+    started.kill_all()
+
+
+class Listener:
+    """A client that collects the pushes it gets, by op."""
+
+    def __init__(self, server: RunningServer):
+        self.client = server.client()
+        self.got: dict[str, list] = {}
+        for op in ("told", "shouted"):
+            self.client.on(op, lambda data, op=op: self.got.setdefault(op, []).append(data))
+        self.net_id = self.client.call("whoami")["net_id"]
+
+    def wait(self, op: str, count: int, timeout: float = 10.0) -> list:
+        def enough():
+            self.client.poll(0.05)
+            return len(self.got.get(op, ())) >= count
+
+        wait_until(enough, timeout, what=f"{count} {op} pushes to net_id {self.net_id}")
+        return self.got[op]
+
+    def settle(self) -> None:
+        """Take what has arrived by now (a whoami round trip is behind any push sent before it)."""
+        self.client.call("whoami")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture(scope="module")
+def three():
+    """Redis and three nodes of two workers each, for the tests that don't break anything."""
+    redis = RedisServer().start()
+    started = Nodes()
+    try:
+        servers = [started.start(redis.url) for _ in range(3)]
+        for server in servers:
+            started.joined(server)
+        yield redis, servers
+    finally:
+        started.kill_all()
+        redis.stop()
+
+
+def test_net_ids_are_unique_across_the_cluster_and_json_safe(three):
+    _, servers = three
+    listeners = [Listener(server) for server in servers for _ in range(3)]
+    ids = [listener.net_id for listener in listeners]
+    assert len(set(ids)) == len(ids)
+    assert all(LOCAL_ID_LIMIT < net_id < 2**53 for net_id in ids)
+    for listener in listeners:
+        listener.close()
+
+
+def test_rpc_to_across_nodes_both_ways_in_order(three):
+    _, servers = three
+    a, b = Listener(servers[0]), Listener(servers[1])
+    a.client.call("tell", {"to": b.net_id, "msg": "a->b", "n": 50})
+    b.client.call("tell", {"to": a.net_id, "msg": "b->a", "n": 50})
+    assert [p["i"] for p in b.wait("told", 50)] == list(range(50))
+    assert [p["i"] for p in a.wait("told", 50)] == list(range(50))
+    assert {p["from"] for p in b.got["told"]} == {a.net_id}
+    assert {p["msg"] for p in a.got["told"]} == {"b->a"}
+    a.close()
+    b.close()
+
+
+def test_rpc_all_from_each_node_reaches_every_client_once(three):
+    _, servers = three
+    listeners = [Listener(server) for server in servers for _ in range(2)]
+    for index, server in enumerate(servers):
+        with server.client() as shouter:
+            shouter.call("shout", {"msg": f"from node {index}"})
+    for listener in listeners:
+        listener.wait("shouted", 3)
+    # Anything more would have come before an answer sent after it.
+    for listener in listeners:
+        listener.settle()
+        assert sorted(p["msg"] for p in listener.got["shouted"]) == [f"from node {i}" for i in range(3)]
+        listener.close()
+
+
+def test_a_push_to_a_net_id_no_node_holds_is_dropped(three):
+    _, servers = three
+    gone = Listener(servers[1])
+    gone_id = gone.net_id
+    gone.close()
+    a = Listener(servers[0])
+    a.client.call("tell", {"to": gone_id, "msg": "lost"})  # its node is alive, the connection is not
+    a.client.call("tell", {"to": (12345 << 32) | 1, "msg": "lost"})  # no node holds that number
+    a.client.call("tell", {"to": a.net_id, "msg": "here"})
+    assert [p["msg"] for p in a.wait("told", 1)] == ["here"]
+    a.close()
+
+
+def test_a_duplicate_node_name_exits_2(three, nodes):
+    redis, servers = three
+    name = "twin"
+    first = nodes.start(redis.url, name=name)
+    nodes.joined(first)
+    second = nodes.start(redis.url, name=name, ready=False)
+    assert second.proc.wait(60) == 2
+    log = second.log()
+    assert "node_name 'twin' is held by another live node of the cluster" in log
+    assert "Traceback" not in log
+    with first.client() as client:  # the first is unaffected
+        assert client.call("echo", {"x": 1}) == {"x": 1}
+
+
+def test_a_bad_cluster_url_exits_2(nodes):
+    server = nodes.start("http://127.0.0.1:1", ready=False)
+    assert server.proc.wait(60) == 2
+    assert "expected a redis:// or rediss:// URL" in server.log()
+
+
+def test_redis_killed_and_restarted_under_traffic(redis_server, nodes):
+    a = nodes.start(redis_server.url)
+    b = nodes.start(redis_server.url)
+    nodes.joined(a)
+    nodes.joined(b)
+    receiver = Listener(b)
+    stop = threading.Event()
+    answers = {"okay": 0, "fail": []}
+
+    def local_traffic():
+        with a.client() as client:
+            while not stop.is_set():
+                try:
+                    client.call("echo", {"n": 1})
+                    answers["okay"] += 1
+                except RemoteError as exc:
+                    answers["fail"].append(exc)
+
+    threads = [threading.Thread(target=local_traffic) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        with a.client() as pusher:
+            pusher.call("tell", {"to": receiver.net_id, "msg": "before"})
+            receiver.wait("told", 1)
+            redis_server.kill()
+            a.wait_log("lost Redis at")
+            b.wait_log("lost Redis at")
+            pusher.call("tell", {"to": receiver.net_id, "msg": "during"})  # dropped, counted
+            okay_during = answers["okay"]
+            wait_until(lambda: answers["okay"] > okay_during + 20, what="local RPCs during the outage")
+            redis_server.start()
+            a.wait_log("is back after", timeout=20)
+            b.wait_log("is back after", timeout=20)
+
+            def resumed():
+                pusher.call("tell", {"to": receiver.net_id, "msg": "after"})
+                receiver.client.poll(0.2)
+                return any(p["msg"] == "after" for p in receiver.got["told"])
+
+            wait_until(resumed, timeout=10, what="cross-node pushes after Redis came back")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert answers["fail"] == []
+    assert answers["okay"] > 0
+    assert "during" not in [p["msg"] for p in receiver.got["told"]]
+    receiver.close()
+    # The outage is logged once at its start and once at its end, whatever the retries.
+    assert a.log().count("lost Redis at") == 1
+    assert a.log().count("is back after") == 1
+    a.stop()
+    assert "dropped: 1 while Redis was away" in a.log()
+
+
+def test_a_node_killed_with_sigkill_leaves_within_the_ttl(redis_server, nodes):
+    a = nodes.start(redis_server.url, name="doomed")
+    b = nodes.start(redis_server.url, name="survivor")
+    nodes.joined(a)
+    nodes.joined(b)
+    victim = Listener(a)
+    survivor = Listener(b)
+    assert redis_server.command("EXISTS", "simplerpc-mp:node:doomed") == 1
+    kill_process_tree(a.proc)  # SIGKILL, workers too
+    wait_until(lambda: redis_server.command("EXISTS", "simplerpc-mp:node:doomed") == 0, timeout=5,
+               what="the killed node's heartbeat key to expire")
+    assert redis_server.command("EXISTS", "simplerpc-mp:node:survivor") == 1
+    survivor.client.call("tell", {"to": victim.net_id, "msg": "to the dead"})  # no one holds it: dropped
+    survivor.client.call("shout", {"msg": "still here"})
+    assert [p["msg"] for p in survivor.wait("shouted", 1)] == ["still here"]
+    survivor.close()
+    b.stop()
+    assert "1 to a node that has gone" in b.log()
+    assert redis_server.command("EXISTS", "simplerpc-mp:node:survivor") == 0  # a graceful stop leaves at once
+
+
+def test_a_node_started_before_redis_serves_and_joins_later(nodes):
+    redis = RedisServer(port=free_port())  # not started yet
+    try:
+        early = nodes.start(redis.url)
+        early.wait_log("cannot reach Redis at")
+        old = Listener(early)
+        assert old.net_id < LOCAL_ID_LIMIT  # numbered as a single server until it joins
+        assert old.client.call("echo", {"x": 1}) == {"x": 1}
+        redis.start()
+        early.wait_log("is back after", timeout=20)
+        late = nodes.start(redis.url)
+        nodes.joined(late)
+        new = Listener(early)
+        assert new.net_id > LOCAL_ID_LIMIT
+        other = Listener(late)
+        other.client.call("tell", {"to": new.net_id, "msg": "welcome"})
+        assert [p["msg"] for p in new.wait("told", 1)] == ["welcome"]
+        other.client.call("shout", {"msg": "everyone"})  # reaches the early connection too
+        assert [p["msg"] for p in old.wait("shouted", 1)] == ["everyone"]
+        for listener in (old, new, other):
+            listener.close()
+        assert early.stop(signal.SIGTERM) == 0
+    finally:
+        redis.stop()
