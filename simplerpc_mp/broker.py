@@ -37,7 +37,7 @@ import hiredis
 
 log = logging.getLogger("simplerpc_mp.broker")
 
-__all__ = ["RedisURL", "RedisURLError", "RedisLink", "parse_url", "encode_command", "DOWN", "CONNECTING", "UP"]
+__all__ = ["RedisURL", "RedisURLError", "RedisLink", "parse_url", "encode_command", "probe", "DOWN", "CONNECTING", "UP"]
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 DEFAULT_PORT = 6379
@@ -461,3 +461,39 @@ def _strerror(code: int) -> str:
 
 def _nothing(*args) -> None:
     pass
+
+
+def probe(url: RedisURL, commands, timeout: float = CONNECT_TIMEOUT_S) -> list:
+    """Connect as a link does (TLS, AUTH, SELECT), send ``commands`` and return their replies.
+
+    Blocking, for ``simplerpc-mp check`` (never in the server's loop). Raises ``OSError`` (or
+    ``ssl.SSLError``) when Redis can't be reached, ``hiredis.ReplyError`` when it refuses.
+    """
+    handshake = []
+    if url.password:
+        handshake.append([b"AUTH", url.username, url.password] if url.username else [b"AUTH", url.password])
+    if url.db:
+        handshake.append([b"SELECT", url.db])
+    sock = socket.create_connection((url.host, url.port), timeout=timeout)
+    try:
+        if url.tls:
+            context = ssl.create_default_context(cafile=url.ca_certs or None)
+            if not url.verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            sock = context.wrap_socket(sock, server_hostname=url.host)
+        sock.sendall(b"".join(encode_command(c) for c in [*handshake, *commands]))
+        reader = hiredis.Reader()
+        replies: list = []
+        while len(replies) < len(handshake) + len(commands):
+            data = sock.recv(RECV_BYTES)
+            if not data:
+                raise ConnectionError("Redis closed the connection")
+            reader.feed(data)
+            while (reply := reader.gets()) is not False:
+                if isinstance(reply, hiredis.ReplyError):
+                    raise reply
+                replies.append(reply)
+        return replies[len(handshake):]
+    finally:
+        sock.close()

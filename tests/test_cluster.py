@@ -268,3 +268,42 @@ def test_a_node_started_before_redis_serves_and_joins_later(nodes):
         assert early.stop(signal.SIGTERM) == 0
     finally:
         redis.stop()
+
+
+def test_a_password_and_a_database_number_in_the_url(nodes):
+    redis = RedisServer(password="s3cret").start()
+    try:
+        url = f"redis://:s3cret@127.0.0.1:{redis.port}/3"
+        a, b = nodes.start(url, name="a"), nodes.start(url, name="b")
+        nodes.joined(a)
+        nodes.joined(b)
+        receiver = Listener(b)
+        with a.client() as pusher:
+            pusher.call("tell", {"to": receiver.net_id, "msg": "over auth"})
+        assert [p["msg"] for p in receiver.wait("told", 1)] == ["over auth"]
+        receiver.close()
+        in_db = "redis.call('SELECT', ARGV[1]) return redis.call('EXISTS', KEYS[1])"
+        assert redis.command("EVAL", in_db, 1, "simplerpc-mp:node:a", 3) == 1
+        assert redis.command("EVAL", in_db, 1, "simplerpc-mp:node:a", 0) == 0
+        assert "WRONGPASS" not in a.log()
+    finally:
+        redis.stop()
+
+
+def test_check_tries_the_redis_connection(redis_server):
+    import subprocess
+    import sys
+
+    def check(url: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "simplerpc_mp", "check", "--cluster", url, "--handlers", HANDLERS],
+                              capture_output=True, text=True, timeout=120)
+
+    done = check(redis_server.url)
+    assert done.returncode == 0, done.stderr
+    assert f"# cluster redis://127.0.0.1:{redis_server.port}/0: OK (Redis " in done.stdout
+    done = check(f"redis://127.0.0.1:{free_port()}")
+    assert done.returncode == 0
+    assert "cannot use Redis at" in done.stderr and "Connection refused" in done.stderr
+    done = check("redis://127.0.0.1:6379/x")
+    assert done.returncode == 2
+    assert "must be a database number" in done.stderr
