@@ -33,7 +33,13 @@ Theory of operation:
 
 Message layout on the channels (one byte of kind, a header, then the push frame as the worker
 encoded it, ``OP{json}\\n``):  ``T<net_id> <frame>`` to one connection; ``A<origin> <frame>`` to
-every client.
+every client; ``R<origin> <excluded net_id or 0> <length> <room><frame>`` to a room's members
+(the room's UTF-8 name, ``length`` bytes); ``J<net_id> <room>`` / ``L<net_id> <room>``, a
+``join_to`` / ``leave_to`` sent to the node holding the connection.
+
+Room membership stays with the node holding the connection (its acceptor's ``rooms.Rooms``):
+a room push goes once to every node, and each delivers it to its own members. Ordering holds
+here too: a ``join_to`` then an ``rpc_room`` from one handler reach the other node in that order.
 """
 
 from __future__ import annotations
@@ -119,6 +125,7 @@ class Cluster:
         # Counters (stats).
         self.forwarded = 0  # pushes published to another node
         self.broadcasts = 0  # rpc_all published
+        self.room_pushes = 0  # rpc_room published
         self.received = 0  # messages from other nodes delivered here
         self.dropped_down = 0  # cross-node pushes dropped: Redis not reachable
         self.dropped_buffer = 0  # cross-node pushes dropped: over cluster_buffer_bytes
@@ -182,6 +189,34 @@ class Cluster:
         else:
             self.dropped_buffer += 1
 
+    def publish_room(self, room: str, frame: bytes, exclude: int | None) -> None:
+        """An ``rpc_room``: once to every other node, each delivering to its own members
+        (``exclude``, the pusher's net_id with ``exclude_self``, is skipped wherever it is)."""
+        if not self.claimed:
+            self.dropped_down += 1
+            return
+        name = room.encode("utf-8")
+        message = b"R%d %d %d " % (self.number, exclude or 0, len(name)) + name + frame
+        if self.cmd.command([b"PUBLISH", self.all_channel, message]):
+            self.room_pushes += 1
+        else:
+            self.dropped_buffer += 1
+
+    def forward_room_op(self, tag: bytes, net_id: int, room: str) -> bool:
+        """A ``join_to``/``leave_to`` (``tag`` J or L) for a net_id not on this node: to its
+        node, whose acceptor holds that connection's membership. False as for ``forward``."""
+        number = net_id >> NET_ID_BITS
+        if number == 0 or number == self.number or number > MAX_NODE_NUMBER or net_id < 0:
+            return False
+        if not self.claimed:
+            self.dropped_down += 1
+        elif self.cmd.command([b"PUBLISH", self._channel(number), tag + b"%d " % net_id + room.encode("utf-8")],
+                              self._published):
+            self.forwarded += 1
+        else:
+            self.dropped_buffer += 1
+        return True
+
     def _published(self, receivers) -> None:
         if receivers == 0:  # no node subscribes to that number: it has gone
             self.dropped_no_node += 1
@@ -197,6 +232,22 @@ class Cluster:
                 if int(head[1:]) != self.number:  # this node's own: delivered when it was made
                     self.received += 1
                     self.acceptor.broadcast(frame)
+            elif tag == b"R":
+                if int(head[1:]) != self.number:
+                    self.received += 1
+                    exclude, _, rest = frame.partition(b" ")
+                    size, _, rest = rest.partition(b" ")
+                    size = int(size)
+                    self.acceptor.push_room(rest[:size].decode("utf-8"), rest[size:], int(exclude) or None)
+            elif tag in (b"J", b"L"):
+                self.received += 1
+                net_id, room = int(head[1:]), frame.decode("utf-8")
+                if net_id not in self.acceptor.conns:
+                    self.acceptor.rooms.ops_dropped += 1  # gone, as for a push to it
+                elif tag == b"J":
+                    self.acceptor.join_room(net_id, room)
+                else:
+                    self.acceptor.leave_room(net_id, room)
             else:
                 log.warning("cluster: unknown message on %s dropped (a newer version in the cluster?)", channel)
         elif kind == b"subscribe":
@@ -391,6 +442,7 @@ class Cluster:
             "outage_s": round(time.monotonic() - self.outage_since, 3) if self.outage_since else 0.0,
             "pushes_forwarded": self.forwarded,
             "broadcasts_published": self.broadcasts,
+            "room_pushes_published": self.room_pushes,
             "pushes_received": self.received,
             "pushes_dropped": {"redis_down": self.dropped_down, "buffer_full": self.dropped_buffer,
                                "no_node": self.dropped_no_node},

@@ -172,6 +172,8 @@ class Dispatch:
         lines = 0
         job_id = self.next_job_id
         now_ns = now_ns or time.monotonic_ns()
+        rooms = self.acceptor.rooms
+        in_rooms = rooms.conn_rooms  # (empty while no one is in a room: then one test per job)
         for job in batch:
             job.job_id = job_id
             job.sent_ns = now_ns
@@ -180,7 +182,8 @@ class Dispatch:
             session = job.conn.session
             if session is not None or job.kind == ipc.DISCONNECT:
                 session = self._session_for(worker, job)
-            items.append((job.job_id, job.kind, job.conn.net_id, job.payload, session))
+            net_id = job.conn.net_id
+            items.append((job.job_id, job.kind, net_id, job.payload, session, rooms.rooms_of(net_id) if in_rooms else None))
         self.next_job_id = job_id
         worker.jobs.extend(batch)
         worker.batches.append(job_id - 1)

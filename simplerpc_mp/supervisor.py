@@ -214,6 +214,7 @@ class Pool(Dispatch):
             "timeout": settings.timeout,
             "max_answer_bytes": settings.max_answer_bytes,
             "max_session_bytes": settings.max_session_bytes,
+            "max_rooms_per_connection": settings.max_rooms_per_connection,
         }
         process = self.ctx.Process(
             target=worker_main,

@@ -7,6 +7,7 @@ and log lines with deadlines, never on sleeps.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 
@@ -21,6 +22,7 @@ pytest.importorskip("hiredis")
 HANDLERS = "tests.handlers.cluster_ops"
 TTL = "1"  # cluster_node_ttl: a killed node leaves within a second
 LOCAL_ID_LIMIT = 2**32  # net_ids below it are a node's own, before it joins
+_FENCES = itertools.count()
 
 
 class Nodes:
@@ -61,7 +63,7 @@ class Listener:
     def __init__(self, server: RunningServer):
         self.client = server.client()
         self.got: dict[str, list] = {}
-        for op in ("told", "shouted"):
+        for op in ("told", "shouted", "said"):
             self.client.on(op, lambda data, op=op: self.got.setdefault(op, []).append(data))
         self.net_id = self.client.call("whoami")["net_id"]
 
@@ -73,12 +75,25 @@ class Listener:
         wait_until(enough, timeout, what=f"{count} {op} pushes to net_id {self.net_id}")
         return self.got[op]
 
-    def settle(self) -> None:
-        """Take what has arrived by now (a whoami round trip is behind any push sent before it)."""
-        self.client.call("whoami")
-
     def close(self) -> None:
         self.client.close()
+
+
+def fence(listeners: list[Listener], servers: list[RunningServer]) -> None:
+    """Wait until every listener has everything pushed to it so far: each node sends an
+    ``rpc_all`` fence, and pushes from one node to one connection keep their order."""
+    tag = f"fence {next(_FENCES)}"
+    for server in servers:
+        with server.client() as client:
+            client.call("shout", {"msg": tag})
+
+    for listener in listeners:
+        def arrived(listener=listener):
+            listener.client.poll(0.05)
+            return sum(p["msg"] == tag for p in listener.got.get("shouted", ())) >= len(servers)
+
+        wait_until(arrived, 10, what=f"the fences at net_id {listener.net_id}")
+        listener.got["shouted"] = [p for p in listener.got["shouted"] if p["msg"] != tag]
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +140,8 @@ def test_rpc_all_from_each_node_reaches_every_client_once(three):
     for index, server in enumerate(servers):
         with server.client() as shouter:
             shouter.call("shout", {"msg": f"from node {index}"})
+    fence(listeners, servers)  # a second copy would have come before the fence
     for listener in listeners:
-        listener.wait("shouted", 3)
-    # Anything more would have come before an answer sent after it.
-    for listener in listeners:
-        listener.settle()
         assert sorted(p["msg"] for p in listener.got["shouted"]) == [f"from node {i}" for i in range(3)]
         listener.close()
 
@@ -145,6 +157,42 @@ def test_a_push_to_a_net_id_no_node_holds_is_dropped(three):
     a.client.call("tell", {"to": a.net_id, "msg": "here"})
     assert [p["msg"] for p in a.wait("told", 1)] == ["here"]
     a.close()
+
+
+def test_a_room_with_members_on_three_nodes(three):
+    _, servers = three
+    members = [Listener(server) for server in servers for _ in range(2)]
+    outsider = Listener(servers[1])
+    for member in members:
+        member.client.call("join", {"room": "hall"})
+    members[0].client.call("say", {"room": "hall", "msg": "hello"})
+    members[3].client.call("say", {"room": "hall", "msg": "quiet", "exclude_self": True})
+    fence([*members, outsider], servers)
+    for index, member in enumerate(members):
+        expected = ["hello"] if index == 3 else ["hello", "quiet"]
+        assert sorted(p["msg"] for p in member.got["said"]) == expected
+    assert "said" not in outsider.got
+    for listener in (*members, outsider):
+        listener.close()
+
+
+def test_join_to_and_leave_to_across_nodes(three):
+    _, servers = three
+    mover = Listener(servers[0])
+    moved = Listener(servers[2])
+    # join_to then rpc_room in one handler: the other node applies them in that order.
+    mover.client.call("join_to", {"who": moved.net_id, "room": "game", "say": "you are in"})
+    assert [p["msg"] for p in moved.wait("said", 1)] == ["you are in"]
+    assert moved.client.call("rooms") == {"rooms": ["game"]}  # membership is its own node's
+    mover.client.call("leave_to", {"who": moved.net_id, "room": "game", "say": "after leaving"})
+    mover.client.call("join", {"room": "game"})
+    mover.client.call("say", {"room": "game", "msg": "mover only"})
+    fence([mover, moved], servers)
+    assert [p["msg"] for p in mover.got["said"]] == ["mover only"]
+    assert [p["msg"] for p in moved.got["said"]] == ["you are in"]
+    assert moved.client.call("rooms") == {"rooms": []}
+    mover.close()
+    moved.close()
 
 
 def test_a_duplicate_node_name_exits_2(three, nodes):

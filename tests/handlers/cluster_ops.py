@@ -29,3 +29,38 @@ def tell(conn, data):
 def shout(conn, data):
     conn.rpc_all("shouted", {"from": conn.net_id, "msg": data.get("msg")})
     return {}
+
+
+@handlers.on("join")
+def join(conn, data):
+    conn.join(data["room"])
+    return {"rooms": sorted(conn.rooms)}
+
+
+@handlers.on("rooms")
+def rooms(conn, data):
+    return {"rooms": sorted(conn.rooms)}
+
+
+@handlers.on("say")
+def say(conn, data):
+    conn.rpc_room(data["room"], "said", {"from": conn.net_id, "msg": data.get("msg")},
+                  exclude_self=data.get("exclude_self", False))
+    return {}
+
+
+@handlers.on("join_to")
+def join_to(conn, data):
+    """Put ``data["who"]`` in the room and, with ``say``, push to the room right after."""
+    conn.join_to(data["who"], data["room"])
+    if data.get("say"):
+        conn.rpc_room(data["room"], "said", {"from": conn.net_id, "msg": data["say"]})
+    return {}
+
+
+@handlers.on("leave_to")
+def leave_to(conn, data):
+    conn.leave_to(data["who"], data["room"])
+    if data.get("say"):
+        conn.rpc_room(data["room"], "said", {"from": conn.net_id, "msg": data["say"]})
+    return {}
