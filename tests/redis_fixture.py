@@ -107,6 +107,81 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class TLSProxy:
+    """TLS in front of a Redis (the bundled redis-server is built without TLS): accepts
+    ``rediss://`` on 127.0.0.1:``port`` with a certificate from a trustme CA (``ca_file``) and
+    relays each connection to the Redis in plain text, one thread per connection."""
+
+    def __init__(self, redis: RedisServer, directory: str):
+        import ssl
+        import threading
+
+        import trustme
+
+        ca = trustme.CA()
+        self.ca_file = f"{directory}/ca.pem"
+        ca.cert_pem.write_to_path(self.ca_file)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ca.issue_cert("127.0.0.1").configure_cert(self.context)
+        self.redis = redis
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.threads: list = []
+        self.closing = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def url(self, query: str = "") -> str:
+        return f"rediss://127.0.0.1:{self.port}/0" + (f"?{query}" if query else "")
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.closing:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._relay, args=(sock,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _relay(self, raw: socket.socket) -> None:
+        import selectors
+        import ssl
+
+        try:
+            tls = self.context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            raw.close()
+            return
+        plain = socket.create_connection(("127.0.0.1", self.redis.port))
+        with tls, plain, selectors.DefaultSelector() as selector:
+            selector.register(tls, selectors.EVENT_READ)
+            selector.register(plain, selectors.EVENT_READ)
+            while not self.closing:
+                ready = [key.fileobj for key, _ in selector.select(0.5)]
+                try:
+                    if tls in ready or tls.pending():
+                        data = tls.recv(65536)
+                        if not data:
+                            return
+                        plain.sendall(data)
+                    if plain in ready:
+                        data = plain.recv(65536)
+                        if not data:
+                            return
+                        tls.sendall(data)
+                except (ssl.SSLError, OSError):
+                    return
+
+    def close(self) -> None:
+        self.closing = True
+        self.listener.close()
+        for thread in self.threads:
+            thread.join(5)
+
+
 @pytest.fixture
 def redis_server():
     """A running Redis on a free loopback port, stopped at teardown."""

@@ -8,6 +8,7 @@ and log lines with deadlines, never on sleeps.
 from __future__ import annotations
 
 import itertools
+import re
 import signal
 import threading
 
@@ -271,6 +272,31 @@ def test_redis_killed_and_restarted_under_traffic(redis_server, nodes):
     assert "dropped: 1 while Redis was away" in a.log()
 
 
+def test_a_redis_that_hangs_costs_dropped_pushes_not_memory_nor_rpcs(redis_server, nodes):
+    """SIGSTOP: the TCP connection stays open and nothing answers. The outbound buffer stops at
+    cluster_buffer_bytes (the rest is dropped and counted), the silence is noticed from the
+    heartbeat, and local RPCs go on throughout."""
+    a = nodes.start(redis_server.url, "--cluster-buffer-bytes", "65536")
+    b = nodes.start(redis_server.url)
+    nodes.joined(a)
+    nodes.joined(b)
+    receiver = Listener(b)
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        with a.client() as client:
+            client.call("flood", {"to": receiver.net_id, "n": 200, "size": 1000})  # 200 KB > 64 KiB
+            a.wait_log("lost Redis at .*no reply from Redis", timeout=10)
+            for n in range(50):
+                assert client.call("echo", {"n": n}) == {"n": n}
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    a.wait_log("is back after", timeout=20)
+    assert a.stop() == 0
+    dropped = int(re.search(r"dropped: \d+ while Redis was away, (\d+) over cluster_buffer_bytes", a.log()).group(1))
+    assert dropped >= 200 - 65536 // 1000
+    receiver.close()
+
+
 def test_a_node_killed_with_sigkill_leaves_within_the_ttl(redis_server, nodes):
     a = nodes.start(redis_server.url, name="doomed")
     b = nodes.start(redis_server.url, name="survivor")
@@ -355,3 +381,27 @@ def test_check_tries_the_redis_connection(redis_server):
     done = check("redis://127.0.0.1:6379/x")
     assert done.returncode == 2
     assert "must be a database number" in done.stderr
+
+
+def test_rediss_tls_to_redis(redis_server, nodes, tmp_path):
+    pytest.importorskip("trustme")
+    from tests.redis_fixture import TLSProxy
+
+    proxy = TLSProxy(redis_server, str(tmp_path))
+    try:
+        url = proxy.url(f"ssl_ca_certs={proxy.ca_file}")
+        a, b = nodes.start(url), nodes.start(url)
+        nodes.joined(a)
+        nodes.joined(b)
+        receiver = Listener(b)
+        with a.client() as pusher:
+            pusher.call("tell", {"to": receiver.net_id, "msg": "over TLS", "n": 20})
+        assert [p["i"] for p in receiver.wait("told", 20)] == list(range(20))
+        receiver.close()
+        # Without the CA the certificate is refused: the node serves alone and says why, once.
+        alone = nodes.start(proxy.url())
+        alone.wait_log("cannot reach Redis at rediss://.*CERTIFICATE_VERIFY_FAILED")
+        with alone.client() as client:
+            assert client.call("echo", {"x": 1}) == {"x": 1}
+    finally:
+        proxy.close()

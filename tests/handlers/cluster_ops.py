@@ -64,3 +64,12 @@ def leave_to(conn, data):
     if data.get("say"):
         conn.rpc_room(data["room"], "said", {"from": conn.net_id, "msg": data["say"]})
     return {}
+
+
+@handlers.on("flood")
+def flood(conn, data):
+    """``data["n"]`` pushes of ``data["size"]`` bytes to ``data["to"]``, in one reply."""
+    blob = "x" * data["size"]
+    for i in range(data["n"]):
+        conn.rpc_to(data["to"], "told", {"i": i, "msg": blob})
+    return {}
