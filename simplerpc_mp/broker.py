@@ -357,9 +357,11 @@ class RedisLink:
             self.backoff = min(self.backoff * 2, BACKOFF_MAX_S)
             log.debug("redis %s link: %s; next attempt in %.2fs", self.name, reason, delay)
             self.retry_timer = self.timers.call_later(delay, self._connect)
+        if not self.wanted:
+            return  # closed by its owner, who knows
         if was_up:
             self.on_down(reason)
-        elif reason and retry:
+        elif reason:
             self.on_fail(reason)
 
     # -- reading and writing -------------------------------------------------------------------
@@ -404,6 +406,8 @@ class RedisLink:
                         self.on_message(kind, reply[1], reply[2])
                     else:
                         self.on_message(kind, reply[1], reply[2] if len(reply) > 2 else None)
+                elif reply == b"PONG":  # a PING before any SUBSCRIBE took effect
+                    self.on_message(b"pong", b"", None)
                 elif isinstance(reply, hiredis.ReplyError):
                     log.warning("redis %s link: error reply %s", self.name, reply)
             else:

@@ -54,6 +54,7 @@ import time
 import hiredis
 
 from .broker import CONNECTING, DOWN, UP, RedisLink, parse_url
+from .rooms import check_room
 from .supervisor import FatalError
 
 log = logging.getLogger("simplerpc_mp.cluster")
@@ -195,7 +196,7 @@ class Cluster:
         if not self.claimed:
             self.dropped_down += 1
             return
-        name = room.encode("utf-8")
+        name = room.encode("utf-8", "surrogatepass")  # (a handler may build any str)
         message = b"R%d %d %d " % (self.number, exclude or 0, len(name)) + name + frame
         if self.cmd.command([b"PUBLISH", self.all_channel, message]):
             self.room_pushes += 1
@@ -210,7 +211,7 @@ class Cluster:
             return False
         if not self.claimed:
             self.dropped_down += 1
-        elif self.cmd.command([b"PUBLISH", self._channel(number), tag + b"%d " % net_id + room.encode("utf-8")],
+        elif self.cmd.command([b"PUBLISH", self._channel(number), tag + b"%d " % net_id + room.encode("utf-8", "surrogatepass")],
                               self._published):
             self.forwarded += 1
         else:
@@ -223,38 +224,53 @@ class Cluster:
 
     def _on_message(self, kind: bytes, channel: bytes, data) -> None:
         if kind == b"message":
-            head, _, frame = data.partition(b" ")
-            tag = head[:1]
-            if tag == b"T":
-                self.received += 1
-                self.acceptor.deliver(int(head[1:]), frame)
-            elif tag == b"A":
-                if int(head[1:]) != self.number:  # this node's own: delivered when it was made
-                    self.received += 1
-                    self.acceptor.broadcast(frame)
-            elif tag == b"R":
-                if int(head[1:]) != self.number:
-                    self.received += 1
-                    exclude, _, rest = frame.partition(b" ")
-                    size, _, rest = rest.partition(b" ")
-                    size = int(size)
-                    self.acceptor.push_room(rest[:size].decode("utf-8"), rest[size:], int(exclude) or None)
-            elif tag in (b"J", b"L"):
-                self.received += 1
-                net_id, room = int(head[1:]), frame.decode("utf-8")
-                if net_id not in self.acceptor.conns:
-                    self.acceptor.rooms.ops_dropped += 1  # gone, as for a push to it
-                elif tag == b"J":
-                    self.acceptor.join_room(net_id, room)
-                else:
-                    self.acceptor.leave_room(net_id, room)
-            else:
-                log.warning("cluster: unknown message on %s dropped (a newer version in the cluster?)", channel)
+            try:
+                self._deliver(data)
+            except (ValueError, IndexError) as exc:  # (UnicodeDecodeError is a ValueError)
+                # Anyone who can publish on this Redis can send anything: drop it, don't crash.
+                self.acceptor.log_limit.log(log, "cluster message", logging.WARNING,
+                                            "cluster: malformed message on %s dropped: %s", channel, exc)
         elif kind == b"subscribe":
             self.confirmed.add(channel)
             self._check_joined()
         elif kind == b"pong":
             self.missed_pongs = 0
+
+    def _deliver(self, data: bytes) -> None:
+        head, _, frame = data.partition(b" ")
+        tag = head[:1]
+        if tag in (b"J", b"L"):
+            self.received += 1
+            net_id, room = int(head[1:]), check_room(frame.decode("utf-8", "surrogatepass"))
+            if net_id not in self.acceptor.conns:
+                self.acceptor.rooms.ops_dropped += 1  # gone, as for a push to it
+            elif tag == b"J":
+                self.acceptor.join_room(net_id, room)
+            else:
+                self.acceptor.leave_room(net_id, room)
+            return
+        origin_or_target = int(head[1:])
+        if tag == b"R":
+            exclude, _, rest = frame.partition(b" ")
+            size, _, rest = rest.partition(b" ")
+            size = int(size)
+            room, frame = check_room(rest[:size].decode("utf-8", "surrogatepass")), rest[size:]
+        # What goes into a client's output must be one protocol line, whoever published it.
+        if frame[-1:] != b"\n" or frame.find(b"\n") != len(frame) - 1:
+            raise ValueError("the push is not one line")
+        if tag == b"T":
+            self.received += 1
+            self.acceptor.deliver(origin_or_target, frame)
+        elif origin_or_target == self.number:
+            return  # this node's own rpc_all or room push: delivered here when it was made
+        elif tag == b"A":
+            self.received += 1
+            self.acceptor.broadcast(frame)
+        elif tag == b"R":
+            self.received += 1
+            self.acceptor.push_room(room, frame, int(exclude) or None)
+        else:
+            raise ValueError(f"unknown kind {tag!r} (a newer version in the cluster?)")
 
     @staticmethod
     def _channel(number: int) -> bytes:

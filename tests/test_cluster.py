@@ -196,6 +196,24 @@ def test_join_to_and_leave_to_across_nodes(three):
     moved.close()
 
 
+def test_malformed_messages_on_the_channels_are_dropped(three):
+    """Anyone who can publish on the Redis can send anything: the nodes drop it and go on."""
+    redis, servers = three
+    listener = Listener(servers[0])
+    number = listener.net_id >> 32
+    for channel, message in [
+        ("simplerpc-mp:all", "garbage"), ("simplerpc-mp:all", "A1 told{}"), ("simplerpc-mp:all", "A1 a\nb\n"),
+        ("simplerpc-mp:all", "R1 0 999 x"), ("simplerpc-mp:all", "Z1 x{}\n"), (f"simplerpc-mp:to:{number}", "Tnope x{}\n"),
+        (f"simplerpc-mp:to:{number}", f"J{listener.net_id} "), (f"simplerpc-mp:to:{number}", "J"),
+    ]:
+        assert redis.command("PUBLISH", channel, message) >= 1  # some node got it
+    servers[0].wait_log("malformed message on")
+    redis.command("PUBLISH", f"simplerpc-mp:to:{number}", f'T{listener.net_id} told{{"msg":"valid"}}\n')
+    assert [p["msg"] for p in listener.wait("told", 1)] == ["valid"]
+    assert listener.client.call("rooms") == {"rooms": []}
+    listener.close()
+
+
 def test_a_duplicate_node_name_exits_2(three, nodes):
     redis, servers = three
     name = "twin"
