@@ -1,6 +1,7 @@
 """Handlers for tests/test_rooms.py: every room operation as an op. Imported in workers."""
 
 import os
+import time
 
 from simplerpc_mp import Handlers, SimpleRPCException
 
@@ -102,3 +103,21 @@ def bad_name(conn, data):
                 outcome.append("ok")
         results.append(outcome)
     return {"results": results, "rooms": sorted(conn.rooms)}
+
+
+@handlers.on("hold")
+def hold(conn, data):
+    """Keep this worker busy until the file ``release`` exists (``started`` is made at once)."""
+    open(data["started"], "w").close()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(data["release"]):
+        if time.monotonic() > deadline:
+            raise TimeoutError("hold: never released")
+        time.sleep(0.002)
+    return {"pid": os.getpid()}
+
+
+@handlers.on("flood")
+def flood(conn, data):
+    """Push one ``fill`` frame of about ``size`` bytes to ``net_id``."""
+    conn.rpc_to(data["net_id"], "fill", {"pad": "x" * data["size"]})
