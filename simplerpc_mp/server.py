@@ -354,7 +354,8 @@ class Server:
         except ConfigError as exc:  # keep serving with the settings we have
             log.error("reload: settings not changed: %s", exc)
             return
-        fixed = ("host", "port", "handlers")  # what a running server cannot change
+        # What a running server cannot change (the cluster settings: the links and keys are made at start).
+        fixed = ("host", "port", "handlers", "cluster", "node_name", "cluster_node_ttl", "cluster_buffer_bytes")
         changed = [s for s in fixed if getattr(new, s) != getattr(self.settings, s)]
         if changed:
             log.warning("reload: %s cannot change while running; restart to apply", ", ".join(changed))

@@ -423,3 +423,70 @@ def test_rediss_tls_to_redis(redis_server, nodes, tmp_path):
             assert client.call("echo", {"x": 1}) == {"x": 1}
     finally:
         proxy.close()
+
+
+def test_stats_show_the_broker_and_the_live_nodes_with_their_connections(redis_server, nodes):
+    from simplerpc_mp import Server
+    from tests.test_handlers_api import ServerThread
+
+    other = nodes.start(redis_server.url, name="other")
+    nodes.joined(other)
+    clients = [other.client() for _ in range(3)]
+    for client in clients:
+        client.call("whoami")
+    server = Server("127.0.0.1", 0, HANDLERS, workers=1, spare_workers=0, cluster=redis_server.url,
+                    node_name="here", cluster_node_ttl=0.6)
+    with ServerThread(server):
+        def seen():
+            stats = server.cluster.stats()
+            nodes_seen = {node["name"]: node["connections"] for node in stats["nodes"]}
+            return stats["broker"] == "up" and nodes_seen.get("other") == 3 and stats
+
+        stats = wait_until(seen, timeout=10, what="the other node's 3 connections in stats")
+        assert stats["node_name"] == "here"
+        assert {node["name"] for node in stats["nodes"]} == {"here", "other"}
+        assert stats["pushes_dropped"] == {"redis_down": 0, "buffer_full": 0, "no_node": 0}
+        redis_server.kill()
+        wait_until(lambda: server.cluster.stats()["broker"] == "down", timeout=10, what="broker down in stats")
+    for client in clients:
+        client.close()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("redis://localhost", dict(host="localhost", port=6379, db=0, tls=False)),
+    ("redis://u:p%40ss@h:7000/2", dict(host="h", port=7000, username="u", password="p@ss", db=2)),
+    ("redis://:pw@h", dict(username="", password="pw")),
+    ("rediss://h?ssl_ca_certs=/ca.pem", dict(tls=True, port=6379, ca_certs="/ca.pem", verify=True)),
+    ("rediss://h?ssl_cert_reqs=none", dict(tls=True, verify=False)),
+])
+def test_redis_urls(text, expected):
+    from simplerpc_mp.broker import parse_url
+
+    url = parse_url(text)
+    for name, value in expected.items():
+        assert getattr(url, name) == value, name
+    assert "p@ss" not in url.safe and ":pw@" not in url.safe
+
+
+@pytest.mark.parametrize("text, message", [
+    ("http://h", "expected a redis:// or rediss:// URL"),
+    ("redis://", "no host"),
+    ("redis://h:notaport", "bad port"),
+    ("redis://h/zero", "must be a database number"),
+])
+def test_bad_redis_urls(text, message):
+    from simplerpc_mp.broker import RedisURLError, parse_url
+
+    with pytest.raises(RedisURLError, match=message):
+        parse_url(text)
+
+
+def test_commands_are_resp_arrays():
+    import hiredis
+
+    from simplerpc_mp.broker import encode_command
+
+    data = encode_command(["SET", b"k\r\n", 12, "é"])
+    assert data == b"*4\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$2\r\n12\r\n$2\r\n\xc3\xa9\r\n"
+    if hasattr(hiredis, "pack_command"):  # (hiredis 2.1+): the library's own encoder agrees
+        assert data == hiredis.pack_command(("SET", b"k\r\n", 12, "é"))
