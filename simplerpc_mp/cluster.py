@@ -9,8 +9,10 @@ Theory of operation:
 1. **Identity.** Each node claims two keys with a TTL (``cluster_node_ttl``) in one Lua script:
    ``simplerpc-mp:node:<node_name>`` (its heartbeat, which also carries its connection count) and
    ``simplerpc-mp:number:<n>``, a node number drawn at random from 1 .. 2**21-1. The script
-   refreshes keys that hold this process's token and refuses ones another live node holds: a
-   second node under a live ``node_name`` exits 2; a number taken is drawn again. The claim is
+   refreshes keys that hold this process's token and refuses ones another node holds: a second
+   node under the ``node_name`` of a live node exits 2 (live: its key was refreshed while this
+   one waited; the name of a node that died is taken once its key expires); a number taken is
+   drawn again. The claim is
    repeated every third of the TTL, so a node killed with SIGKILL leaves within the TTL.
 2. **net_ids.** A joined node numbers its connections ``n << 32 | counter``: unique across the
    cluster and below 2**53 (JSON-safe for JavaScript clients). A single server (no ``cluster``)
@@ -69,14 +71,14 @@ EXIT_CONFIG = 2  # as server.EXIT_CONFIG (server imports this module, not the ot
 # Redis that hangs keeps its TCP connection open: only silence tells).
 MAX_MISSED_BEATS = 2
 
-# KEYS: node key, number key; ARGV: token, ttl_ms, info. 1 claimed (or refreshed), 0 the name is
-# held by another live node, -1 the number is.
+# KEYS: node key, number key; ARGV: token, ttl_ms, info. 1 claimed (or refreshed), {0, its PTTL}
+# the name is held by another node, -1 the number is.
 _CLAIM = """
 local function held_by_other(key)
   local v = redis.call('GET', key)
   return v and string.sub(v, 1, #ARGV[1]) ~= ARGV[1]
 end
-if held_by_other(KEYS[1]) then return 0 end
+if held_by_other(KEYS[1]) then return {0, redis.call('PTTL', KEYS[1])} end
 if held_by_other(KEYS[2]) then return -1 end
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[3], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
@@ -120,6 +122,7 @@ class Cluster:
         self.started = time.monotonic()
         self.missed_beats = 0
         self.missed_pongs = 0
+        self.held_seen: tuple | None = None  # (when, PTTL) of the key of another node holding our name
         self.scanning = False
         self.nodes: dict[str, dict] = {}  # the live nodes, as of the last heartbeat
         self.beat_timer = None
@@ -301,11 +304,14 @@ class Cluster:
             self.cmd.reset(f"heartbeat refused: {reply}")
             return
         if reply == 1:
+            self.held_seen = None
             if not self.claimed:
                 self.claimed = True
                 self._check_joined()
             return
-        if reply == 0:
+        if isinstance(reply, list) and reply and reply[0] == 0:
+            if not self._holder_alive(reply[1]):
+                return  # the next heartbeat claims again
             message = (
                 f"node_name {self.name!r} is held by another live node of the cluster at {self.url.safe} "
                 f"(its heartbeat key {node_key(self.name)} is refreshed): give each node its own node_name"
@@ -330,6 +336,24 @@ class Cluster:
         self.confirmed.discard(self._channel(old))
         self.sub.subscribe([self._channel(self.number)])
         self._claim()
+
+    def _holder_alive(self, held_ms: int) -> bool:
+        """Is the node holding our name alive? A node killed a moment ago (a pod replaced under
+        the same name) still holds it until its TTL ends, so wait for the evidence: a live
+        holder refreshes the key every third of the TTL, so its PTTL jumps back up between two
+        of our heartbeats; a dead one's only falls until the key expires and the claim succeeds."""
+        now = time.monotonic()
+        if self.held_seen is None:
+            self.held_seen = (now, held_ms)
+            log.info("cluster: node_name %r is held by another node (its heartbeat key expires in %.1fs unless "
+                     "refreshed): waiting to see whether that node is alive", self.name, held_ms / 1000)
+            return False
+        seen_at, seen_ms = self.held_seen
+        expected_ms = seen_ms - (now - seen_at) * 1000
+        if held_ms > expected_ms + max(20.0, self.ttl_s * 100):  # (slack: a tenth of the TTL)
+            self.held_seen = None
+            return True
+        return False
 
     def _check_joined(self) -> None:
         if self.joined or not self.claimed or not {self.all_channel, self._channel(self.number)} <= self.confirmed:

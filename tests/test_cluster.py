@@ -228,6 +228,20 @@ def test_a_duplicate_node_name_exits_2(three, nodes):
         assert client.call("echo", {"x": 1}) == {"x": 1}
 
 
+def test_the_name_of_a_node_just_killed_is_taken_once_its_key_expires(redis_server, nodes):
+    """A pod replaced under the same name (a StatefulSet): the old one's key is still there, but
+    nobody refreshes it, so the new node waits for it to expire instead of exiting 2."""
+    ttl = ("--cluster-node-ttl", "3")  # longer than a node takes to start
+    old = nodes.start(redis_server.url, *ttl, name="pod-0")
+    nodes.joined(old)
+    kill_process_tree(old.proc)
+    new = nodes.start(redis_server.url, *ttl, name="pod-0", ready=False)
+    new.wait_ready()
+    nodes.joined(new)
+    assert "waiting to see whether that node is alive" in new.log()
+    assert new.proc.poll() is None
+
+
 def test_a_bad_cluster_url_exits_2(nodes):
     server = nodes.start("http://127.0.0.1:1", ready=False)
     assert server.proc.wait(60) == 2
