@@ -504,3 +504,22 @@ def test_commands_are_resp_arrays():
     assert data == b"*4\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$2\r\n12\r\n$2\r\n\xc3\xa9\r\n"
     if hasattr(hiredis, "pack_command"):  # (hiredis 2.1+): the library's own encoder agrees
         assert data == hiredis.pack_command(("SET", b"k\r\n", 12, "é"))
+
+
+def test_cluster_without_hiredis_is_one_line_and_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    fake = tmp_path / "hiredis"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'hiredis'\", name='hiredis')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    for command in ("serve", "check"):
+        done = subprocess.run([sys.executable, "-m", "simplerpc_mp", command, "--port", "0", "--cluster", "redis://127.0.0.1:1"],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+        assert done.returncode == 2, (command, done.stderr)
+        assert "the cluster setting needs hiredis, which is not installed" in done.stderr
+        assert "Traceback" not in done.stderr
