@@ -23,6 +23,10 @@ Theory of operation:
    nothing; a connection holding little is read throughout (a read then takes at most its share). Output (``wbuf`` plus answers waiting
    for their turn) past ``max_total_output_bytes``: the connections holding the most are closed,
    largest first, until it is under. Both totals are kept up to date per read and write, not scanned.
+6. Room membership is the acceptor's (``self.rooms``, a ``rooms.Rooms``). Workers send joins,
+   leaves and room pushes as actions among their pushes; ``on_reply`` applies them in order before
+   the answer. A room push is one frame, encoded by the worker, appended to every member's output
+   (``push_room``). A connection leaves every room as it closes, before ``on_disconnect`` is queued.
 """
 
 from __future__ import annotations

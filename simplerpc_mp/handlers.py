@@ -162,7 +162,7 @@ class PushLimit:
 
 
 class Conn:
-    """What a handler gets as ``conn``: identity, session, and the ways to push RPCs.
+    """What a handler gets as ``conn``: identity, session, rooms, and the ways to push RPCs.
 
     A push is encoded here, when the handler makes it: data JSON cannot encode raises (the RPC
     fails ``Unknown``, and the error names the push), and a frame longer than ``push_limit``

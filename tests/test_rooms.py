@@ -238,6 +238,37 @@ def test_conn_rooms_reflect_own_joins_and_leaves_in_order():
     assert pushes[1] == (ROOM_PUSH, "b", b'hi{"x":1}\n', 7)
 
 
+def test_acceptor_applies_room_actions_in_order_and_enforces_the_cap():
+    """The acceptor's side alone: actions applied in order, the cap held for joins the worker
+    could not see (a race, join_to), gone net_ids ignored and counted, one frame per member."""
+    import selectors as _selectors
+
+    from simplerpc_mp.acceptor import Acceptor, Connection
+    from simplerpc_mp.config import Settings
+    from simplerpc_mp.handlers import JOIN, LEAVE, ROOM_PUSH
+    from simplerpc_mp.timers import Timers
+
+    acceptor = Acceptor(Settings().with_changes(max_rooms_per_connection=2), _selectors.DefaultSelector(), Timers())
+    conns = []
+    for net_id in (1, 2, 3):
+        conn = Connection.__new__(Connection)  # only what the push path reads
+        conn.net_id, conn.wbuf, conn.events = net_id, bytearray(), _selectors.EVENT_READ
+        acceptor.conns[net_id] = conn
+        conns.append(conn)
+    frame = b'm{"x":1}\n'
+    for action in [(JOIN, 1, "a"), (JOIN, 1, "b"), (JOIN, 1, "c"), (JOIN, 2, "a"), (JOIN, 3, "a"),
+                   (ROOM_PUSH, "a", frame, 3), (LEAVE, 2, "a"), (ROOM_PUSH, "a", frame, None),
+                   (JOIN, 99, "a"), (LEAVE, 99, "a"), (ROOM_PUSH, "nowhere", frame, None)]:
+        acceptor.room_action(action)
+    rooms = acceptor.rooms
+    assert rooms.rooms_of(1) == frozenset({"a", "b"}) and rooms.joins_refused == 1
+    assert [bytes(conn.wbuf) for conn in conns] == [frame * 2, frame, frame]
+    assert acceptor.output_bytes == 4 * len(frame) and acceptor.dirty == conns  # each once, to be flushed
+    assert rooms.ops_dropped == 2 and rooms.pushes == 3 and rooms.pushes_empty == 1 and rooms.deliveries == 4
+    with pytest.raises(ValueError):
+        acceptor.room_action((7, 1, "a"))
+
+
 # -- real servers --------------------------------------------------------------------------------
 
 
