@@ -28,7 +28,6 @@ import random
 import selectors
 import socket
 import ssl
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -153,11 +152,10 @@ class RedisLink:
         self.retry_timer = None
         self.connect_timer = None
         self.flush_timer = None
+        self.address_index = 0  # the address tried next (a name may resolve to several: ::1, 127.0.0.1)
         self.wanted = False
-        self.was_up = False
         self.last_error = ""
         self.connects = 0  # times the link came up
-        self.down_since = time.monotonic()
 
     # -- the owner's side ----------------------------------------------------------------------
 
@@ -245,12 +243,13 @@ class RedisLink:
         if not self.addresses:
             try:
                 # Blocking, but only until the name resolves once: later attempts reuse the
-                # addresses (an IP literal resolves without asking DNS).
+                # addresses, in turn (an IP literal resolves without asking DNS). A Redis that
+                # moves to another address needs a restart of the node (or an IP in the URL).
                 self.addresses = socket.getaddrinfo(self.url.host, self.url.port, type=socket.SOCK_STREAM)
             except socket.gaierror as exc:
                 self._reset(f"cannot resolve {self.url.host}: {exc.strerror or exc}")
                 return
-        family, kind, proto, _, address = self.addresses[0]
+        family, kind, proto, _, address = self.addresses[self.address_index % len(self.addresses)]
         sock = socket.socket(family, kind, proto)
         sock.setblocking(False)
         if family in (socket.AF_INET, socket.AF_INET6):
@@ -350,8 +349,8 @@ class RedisLink:
         self.pending.clear()
         if reason:
             self.last_error = reason
-        if was_up:
-            self.down_since = time.monotonic()
+        if not was_up:
+            self.address_index += 1  # the next attempt tries the name's next address
         if retry and self.wanted:
             delay = self.backoff * random.uniform(0.8, 1.2)
             self.backoff = min(self.backoff * 2, BACKOFF_MAX_S)

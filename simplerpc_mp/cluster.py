@@ -487,6 +487,8 @@ class Cluster:
             "pushes_dropped": {"redis_down": self.dropped_down, "buffer_full": self.dropped_buffer,
                                "no_node": self.dropped_no_node},
             "buffered_bytes": self.cmd.buffered,
+            "links": {link.name: {"state": link.state, "connects": link.connects, "last_error": link.last_error}
+                      for link in (self.cmd, self.sub)},
             "nodes": [{"name": name, **info} for name, info in sorted(nodes.items())],
         }
 

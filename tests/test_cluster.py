@@ -523,3 +523,39 @@ def test_cluster_without_hiredis_is_one_line_and_exit_2(tmp_path):
         assert done.returncode == 2, (command, done.stderr)
         assert "the cluster setting needs hiredis, which is not installed" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_a_link_tries_each_address_of_its_name_in_turn(redis_server):
+    """One RedisLink in a selector loop of this process: a name that resolves to an address
+    where nothing listens and then Redis's (``localhost`` as ::1 and 127.0.0.1) gets up."""
+    import selectors
+    import socket
+    import time
+
+    from simplerpc_mp.broker import UP, RedisLink, parse_url
+    from simplerpc_mp.timers import Timers
+
+    selector, timers = selectors.DefaultSelector(), Timers()
+    failures, replies = [], []
+    link = RedisLink(parse_url(redis_server.url), selector, timers, name="test", max_buffer_bytes=1024,
+                     on_fail=failures.append)
+    link.addresses = [(socket.AF_INET, socket.SOCK_STREAM, 0, "", ("127.0.0.1", free_port())),
+                      (socket.AF_INET, socket.SOCK_STREAM, 0, "", ("127.0.0.1", redis_server.port))]
+
+    def turn():
+        for key, mask in selector.select(timers.timeout(time.monotonic())):
+            key.data.on_event(mask)
+        timers.run_due(time.monotonic())
+
+    try:
+        link.start()
+        wait_until(lambda: turn() or link.state == UP, timeout=10, what="the link up on the second address")
+        assert len(failures) == 1 and "refused" in failures[0]
+        assert link.command(["SET", "k", "v"], replies.append)
+        assert not link.command(["SET", "k", "x" * 2000], replies.append)  # over max_buffer_bytes: refused
+        assert link.command(["GET", "k"], replies.append)
+        wait_until(lambda: turn() or len(replies) == 2, timeout=10, what="two replies")
+        assert replies == [b"OK", b"v"]
+    finally:
+        link.close()
+        selector.close()
