@@ -123,6 +123,7 @@ class Cluster:
         self.missed_beats = 0
         self.missed_pongs = 0
         self.held_seen: tuple | None = None  # (when, PTTL) of the key of another node holding our name
+        self.conflict_logged = False
         self.scanning = False
         self.nodes: dict[str, dict] = {}  # the live nodes, as of the last heartbeat
         self.beat_timer = None
@@ -305,6 +306,7 @@ class Cluster:
             return
         if reply == 1:
             self.held_seen = None
+            self.conflict_logged = False
             if not self.claimed:
                 self.claimed = True
                 self._check_joined()
@@ -318,9 +320,12 @@ class Cluster:
             )
             if not self.ever_joined:
                 raise FatalError(message, EXIT_CONFIG)
-            # We were away longer than the TTL and another node took the name: stay out and retry.
+            # We were away longer than the TTL and another node took the name: stay out and retry
+            # (logged once: the outage line may have been written already).
+            if not self.conflict_logged:
+                self.conflict_logged = True
+                log.error("cluster: %s; this node stays out of the cluster until the name is free", message)
             self.claimed = False
-            self._attempt_failed(message)
             self.cmd.reset(message)
             return
         # -1: the number is taken. Before connections use it, draw another; after, too (those
