@@ -119,7 +119,6 @@ class Cluster:
         self.joined = False
         self.ever_joined = False
         self.outage_since = 0.0  # 0: no outage logged now
-        self.started = time.monotonic()
         self.missed_beats = 0
         self.missed_pongs = 0
         self.held_seen: tuple | None = None  # (when, PTTL) of the key of another node holding our name
@@ -162,10 +161,11 @@ class Cluster:
         self.cmd.close()
         self.sub.close()
         log.info(
-            "cluster: node %s left (pushes to other nodes: %d, rpc_all published: %d, messages received: %d; "
-            "dropped: %d while Redis was away, %d over cluster_buffer_bytes, %d to a node that has gone)",
-            self.name, self.forwarded, self.broadcasts, self.received, self.dropped_down, self.dropped_buffer,
-            self.dropped_no_node,
+            "cluster: node %s left (pushes to other nodes: %d, rpc_all published: %d, rpc_room published: %d, "
+            "messages received: %d; dropped: %d while Redis was away, %d over cluster_buffer_bytes, %d to a node "
+            "that has gone)",
+            self.name, self.forwarded, self.broadcasts, self.room_pushes, self.received, self.dropped_down,
+            self.dropped_buffer, self.dropped_no_node,
         )
 
     # -- routing (called by the acceptor) ----------------------------------------------------

@@ -215,7 +215,7 @@ def test_malformed_messages_on_the_channels_are_dropped(three):
 
 
 def test_a_duplicate_node_name_exits_2(three, nodes):
-    redis, servers = three
+    redis, _ = three
     name = "twin"
     first = nodes.start(redis.url, name=name)
     nodes.joined(first)
