@@ -264,7 +264,8 @@ def _check_cluster(settings: Settings) -> None:
     if major_minor < (6, 2):
         _warn(f"cluster: {version} is older than the 6.2 this server is tested with")
     if name and held == 1:
-        _warn(f"cluster: node_name {name!r} is held by a live node (serve would exit 2, unless that node is this one)")
+        _warn(f"cluster: node_name {name!r} is held by a node (serve would exit 2 if that node is alive, "
+              "unless it is this one)")
 
 
 def _toml(value: Any) -> str:
