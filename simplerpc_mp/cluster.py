@@ -355,7 +355,9 @@ class Cluster:
             return False
         seen_at, seen_ms = self.held_seen
         expected_ms = seen_ms - (now - seen_at) * 1000
-        if held_ms > expected_ms + max(20.0, self.ttl_s * 100):  # (slack: a tenth of the TTL)
+        # A refresh puts back about a third of the TTL (the holder's period); half of that is the
+        # slack for the delays of our own two readings.
+        if held_ms > expected_ms + self.ttl_s * 1000 / 6:
             self.held_seen = None
             return True
         return False

@@ -229,17 +229,24 @@ def test_a_duplicate_node_name_exits_2(three, nodes):
 
 
 def test_the_name_of_a_node_just_killed_is_taken_once_its_key_expires(redis_server, nodes):
-    """A pod replaced under the same name (a StatefulSet): the old one's key is still there, but
-    nobody refreshes it, so the new node waits for it to expire instead of exiting 2."""
-    ttl = ("--cluster-node-ttl", "3")  # longer than a node takes to start
-    old = nodes.start(redis_server.url, *ttl, name="pod-0")
-    nodes.joined(old)
-    kill_process_tree(old.proc)
-    new = nodes.start(redis_server.url, *ttl, name="pod-0", ready=False)
-    new.wait_ready()
+    """A pod replaced under the same name (a StatefulSet): the dead node's key is still there,
+    but nobody refreshes it, so the new node waits for it to expire instead of exiting 2."""
+    key = "simplerpc-mp:node:pod-0"
+    redis_server.command("SET", key, "f" * 32 + ' {"connections": 0}', "PX", 60_000)  # a holder that died
+
+    def claims() -> int:
+        stats = redis_server.command("INFO", "commandstats").decode()
+        match = re.search(r"cmdstat_eval:calls=(\d+)", stats)
+        return int(match.group(1)) if match else 0
+
+    new = nodes.start(redis_server.url, name="pod-0")
+    new.wait_log("waiting to see whether that node is alive")
+    seen = claims()
+    wait_until(lambda: claims() >= seen + 3, timeout=10, what="three more claims of the name")
+    assert new.proc.poll() is None  # the holder never refreshed its key: no reason to give up
+    redis_server.command("PEXPIRE", key, 1)  # its TTL ends
     nodes.joined(new)
-    assert "waiting to see whether that node is alive" in new.log()
-    assert new.proc.poll() is None
+    assert redis_server.command("GET", key).startswith(b"f" * 32) is False
 
 
 def test_a_bad_cluster_url_exits_2(nodes):
