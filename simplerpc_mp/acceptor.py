@@ -182,6 +182,7 @@ class Acceptor:
         self.has_connect = False
         self.has_disconnect = False
         self.pushes_dropped = 0
+        self.cluster = None  # cluster.Cluster when the ``cluster`` setting is set: pushes to other nodes
         # For events a client can repeat at will; what it holds back is logged a second later.
         self.log_limit = RateLimitedLog(on_suppressed=self._arm_log_flush)
         self._log_flush_timer = None
@@ -615,17 +616,36 @@ class Acceptor:
 
     def push(self, target: int, frame: bytes) -> None:
         if target == BROADCAST:
-            if self.output_bytes + len(frame) * len(self.conns) > self.max_total_output:
-                self._broadcast_within_budget(frame)
-                return
-            for conn in self.conns.values():
-                self._append_push(conn, frame)
+            if self.cluster is not None:
+                self.cluster.publish_all(frame)
+            self.broadcast(frame)
             return
         conn = self.conns.get(target)
         if conn is None:
-            self.pushes_dropped += 1
-            self.log_limit.log(log, "push dropped", logging.DEBUG, "push to gone net_id %s dropped", target)
+            # Not here: on another node of the cluster (published to it), or gone.
+            if self.cluster is None or not self.cluster.forward(target, frame):
+                self._drop_push(target)
         else:
+            self._append_push(conn, frame)
+
+    def deliver(self, target: int, frame: bytes) -> None:
+        """A push to a connection of this node (from another node: never forwarded again)."""
+        conn = self.conns.get(target)
+        if conn is None:
+            self._drop_push(target)
+        else:
+            self._append_push(conn, frame)
+
+    def _drop_push(self, target: int) -> None:
+        self.pushes_dropped += 1
+        self.log_limit.log(log, "push dropped", logging.DEBUG, "push to gone net_id %s dropped", target)
+
+    def broadcast(self, frame: bytes) -> None:
+        """A push to every connection of this node."""
+        if self.output_bytes + len(frame) * len(self.conns) > self.max_total_output:
+            self._broadcast_within_budget(frame)
+            return
+        for conn in self.conns.values():
             self._append_push(conn, frame)
 
     # -- rooms -------------------------------------------------------------------------------
@@ -634,6 +654,8 @@ class Acceptor:
         """A join, leave or room push a handler made (see handlers' docstring)."""
         tag = action[0]
         if tag == ROOM_PUSH:
+            if self.cluster is not None:  # once to the other nodes, each delivers to its members
+                self.cluster.publish_room(action[1], action[2], action[3])
             self.push_room(action[1], action[2], action[3])
         elif tag == JOIN:
             self.join_room(action[1], action[2])
@@ -645,6 +667,8 @@ class Acceptor:
     def join_room(self, net_id: int, room: str) -> None:
         conn = self.conns.get(net_id)
         if conn is None:  # gone (it left all its rooms as it closed): as for a push to it
+            if self.cluster is not None and self.cluster.forward_room_op(b"J", net_id, room):
+                return  # on another node: its acceptor holds its membership
             self.rooms.ops_dropped += 1
             self.log_limit.log(log, "room op dropped", logging.DEBUG, "join of room %r by gone net_id %s ignored", room, net_id)
             return
@@ -659,6 +683,8 @@ class Acceptor:
 
     def leave_room(self, net_id: int, room: str) -> None:
         if net_id not in self.conns:
+            if self.cluster is not None and self.cluster.forward_room_op(b"L", net_id, room):
+                return
             self.rooms.ops_dropped += 1
             self.log_limit.log(log, "room op dropped", logging.DEBUG, "leave of room %r by gone net_id %s ignored", room, net_id)
             return
