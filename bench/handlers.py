@@ -3,6 +3,8 @@ echo and the CPU-heavy ops of ``workers.echo`` and ``workers.cpu``, plus
 
 - ``fanout``: pushes one ``news`` RPC to every connected client (the sender included) and
   answers ``{"pushed": true}``;
+- ``room_join``: joins the room ``room`` (default ``bench``); ``room_fanout``: pushes one ``news``
+  RPC to every member of ``room`` (``bench/rooms.py`` compares the two fan-outs);
 - ``spin`` (concurrent) and ``sspin`` (serial): ``ms`` milliseconds of pure-Python CPU work;
 - ``sleep`` (serial): blocks for ``s`` seconds without using the CPU (a slow I/O call);
 - ``pid``: the echo of its data, plus the pid of the worker that ran it;
@@ -32,6 +34,17 @@ MAX_SLEEP_S = 60
 @handlers.on("fanout")
 def fanout(conn, data):
     conn.rpc_all("news", data)
+    return {"pushed": True}
+
+
+@handlers.on("room_join")
+def room_join(conn, data):
+    conn.join(data.get("room", "bench"))
+
+
+@handlers.on("room_fanout")
+def room_fanout(conn, data):
+    conn.rpc_room(data.get("room", "bench"), "news", data)
     return {"pushed": True}
 
 

@@ -23,6 +23,10 @@ Theory of operation:
    nothing; a connection holding little is read throughout (a read then takes at most its share). Output (``wbuf`` plus answers waiting
    for their turn) past ``max_total_output_bytes``: the connections holding the most are closed,
    largest first, until it is under. Both totals are kept up to date per read and write, not scanned.
+6. Room membership is the acceptor's (``self.rooms``, a ``rooms.Rooms``). Workers send joins,
+   leaves and room pushes as actions among their pushes; ``on_reply`` applies them in order before
+   the answer. A room push is one frame, encoded by the worker, appended to every member's output
+   (``push_room``). A connection leaves every room as it closes, before ``on_disconnect`` is queued.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from collections import deque
 from . import ipc
 from .counters import Counters, OpStats
 from .errors import FrameTooLarge, ShuttingDown, TooManyConnections
-from .handlers import BROADCAST
+from .handlers import BROADCAST, JOIN, LEAVE, ROOM_PUSH
 from .logs import RateLimitedLog
 from .protocol import FrameDecoder, encode_fail, split_lines
+from .rooms import FULL, Rooms
 from .scheduler import Scheduler
 
 log = logging.getLogger("simplerpc_mp.acceptor")
@@ -189,6 +194,7 @@ class Acceptor:
         self.has_connect = False
         self.has_disconnect = False
         self.pushes_dropped = 0
+        self.cluster = None  # cluster.Cluster when the ``cluster`` setting is set: pushes to other nodes
         self.pushes_total = 0  # push frames put in a connection's output
         self.accepted_total = 0
         self.counters = Counters()  # per op, per reason: for stats and /metrics (counters.py)
@@ -200,6 +206,8 @@ class Acceptor:
         self.output_bytes = 0  # sum of len(conn.wbuf) + conn.done_bytes
         self.paused: set[Connection] = set()
         self.partial_reader: Connection | None = None  # see _may_read_alone
+        # Room membership (rooms.py): joins, leaves and room pushes come as actions with pushes.
+        self.rooms = Rooms(settings.max_rooms_per_connection)
         self.apply_settings(settings)
 
     def apply_settings(self, settings) -> None:
@@ -212,6 +220,7 @@ class Acceptor:
         self.max_total_request = settings.max_total_request_bytes
         self.request_resume_at = settings.max_total_request_bytes * 3 // 4
         self.max_total_output = settings.max_total_output_bytes
+        self.rooms.max_per_connection = settings.max_rooms_per_connection
         if self.accepting and settings.idle_timeout > 0 and not had_idle:
             self._schedule_idle_sweep()
 
@@ -585,8 +594,11 @@ class Acceptor:
     # -- answers and pushes ----------------------------------------------------------------
 
     def on_reply(self, job: Job, first: int, count: int, answers: bytes, pushes: list, session) -> None:
-        for target, frame in pushes:
-            self.push(target, frame)
+        for action in pushes:  # in the order the handler made them, before its answer
+            if len(action) == 2:
+                self.push(action[0], action[1])
+            else:
+                self.room_action(action)
         conn = job.conn
         if session is not ipc.UNCHANGED:
             conn.session = session
@@ -627,18 +639,116 @@ class Acceptor:
 
     def push(self, target: int, frame: bytes) -> None:
         if target == BROADCAST:
-            if self.output_bytes + len(frame) * len(self.conns) > self.max_total_output:
-                self._broadcast_within_budget(frame)
-                return
-            for conn in self.conns.values():
-                self._append_push(conn, frame)
+            if self.cluster is not None:
+                self.cluster.publish_all(frame)
+            self.broadcast(frame)
             return
         conn = self.conns.get(target)
         if conn is None:
-            self.pushes_dropped += 1
-            self.log_limit.log(log, "push dropped", logging.DEBUG, "push to gone net_id %s dropped", target)
+            # Not here: on another node of the cluster (published to it), or gone.
+            if self.cluster is None or not self.cluster.forward(target, frame):
+                self._drop_push(target)
         else:
             self._append_push(conn, frame)
+
+    def deliver(self, target: int, frame: bytes) -> None:
+        """A push to a connection of this node (from another node: never forwarded again)."""
+        conn = self.conns.get(target)
+        if conn is None:
+            self._drop_push(target)
+        else:
+            self._append_push(conn, frame)
+
+    def _drop_push(self, target: int) -> None:
+        self.pushes_dropped += 1
+        self.log_limit.log(log, "push dropped", logging.DEBUG, "push to gone net_id %s dropped", target)
+
+    def broadcast(self, frame: bytes) -> None:
+        """A push to every connection of this node."""
+        if self.output_bytes + len(frame) * len(self.conns) > self.max_total_output:
+            self._broadcast_within_budget(frame)
+            return
+        for conn in self.conns.values():
+            self._append_push(conn, frame)
+
+    # -- rooms -------------------------------------------------------------------------------
+
+    def room_action(self, action: tuple) -> None:
+        """A join, leave or room push a handler made (see handlers' docstring)."""
+        tag = action[0]
+        if tag == ROOM_PUSH:
+            if self.cluster is not None:  # once to the other nodes, each delivers to its members
+                self.cluster.publish_room(action[1], action[2], action[3])
+            self.push_room(action[1], action[2], action[3])
+        elif tag == JOIN:
+            self.join_room(action[1], action[2])
+        elif tag == LEAVE:
+            self.leave_room(action[1], action[2])
+        else:
+            raise ValueError(f"unknown room action {action!r}")  # a worker out of step: loud
+
+    def join_room(self, net_id: int, room: str) -> None:
+        conn = self.conns.get(net_id)
+        if conn is None:  # gone (it left all its rooms as it closed): as for a push to it
+            if self.cluster is not None and self.cluster.forward_room_op(b"J", net_id, room):
+                return  # on another node: its acceptor holds its membership
+            self.rooms.ops_dropped += 1
+            self.log_limit.log(log, "room op dropped", logging.DEBUG, "join of room %r by gone net_id %s ignored", room, net_id)
+            return
+        if self.rooms.join(net_id, room) == FULL:
+            # The worker refuses the joins it can see (TooManyRooms); this one raced with
+            # another RPC's, or came from join_to.
+            self.log_limit.log(
+                log, "room join refused", logging.WARNING,
+                "net_id %s not joined to room %r: it is in max_rooms_per_connection (%d) rooms",
+                net_id, room, self.rooms.max_per_connection,
+            )
+
+    def leave_room(self, net_id: int, room: str) -> None:
+        if net_id not in self.conns:
+            if self.cluster is not None and self.cluster.forward_room_op(b"L", net_id, room):
+                return
+            self.rooms.ops_dropped += 1
+            self.log_limit.log(log, "room op dropped", logging.DEBUG, "leave of room %r by gone net_id %s ignored", room, net_id)
+            return
+        self.rooms.leave(net_id, room)
+
+    def push_room(self, room: str, frame: bytes, exclude: int | None = None) -> None:
+        """Append one frame (encoded once, by the worker) to every member's output but
+        ``exclude``'s; each member's output limits apply as for any push."""
+        rooms = self.rooms
+        members = rooms.members(room)
+        rooms.pushes += 1
+        count = len(members) - (exclude in members)
+        if count <= 0:
+            rooms.pushes_empty += 1
+            return
+        size = len(frame)
+        if self.output_bytes + size * count > self.max_total_output:
+            conns = self.conns
+            targets = [conns[n] for n in members if n != exclude and n in conns]
+            rooms.deliveries += len(targets)
+            self._broadcast_within_budget(frame, targets)
+            return
+        # The common case inlines _append_push: this loop is the whole cost of a 10,000-member push.
+        # (Members not among this acceptor's connections are skipped: a cluster layer may keep
+        # other nodes' members in the same table.)
+        conns = self.conns
+        dirty = self.dirty
+        for net_id in members:
+            if net_id == exclude:
+                continue
+            conn = conns.get(net_id)
+            if conn is None:
+                count -= 1
+                continue
+            wbuf = conn.wbuf
+            if not wbuf or conn.events & WRITE:
+                dirty.append(conn)
+            wbuf += frame
+        self.output_bytes += size * count
+        self.pushes_total += count
+        rooms.deliveries += count
 
     def _append_push(self, conn: Connection, frame: bytes) -> None:
         if not conn.wbuf or conn.events & WRITE:
@@ -647,12 +757,14 @@ class Acceptor:
         self.output_bytes += len(frame)
         self.pushes_total += 1
 
-    def _broadcast_within_budget(self, frame: bytes) -> None:
-        """A broadcast that could pass max_total_output_bytes. A connection that takes its copy
-        is sent it at once, so readers hold nothing; once the total passes the budget, the
-        largest outputs are closed, with room left for the copies still to go to blocked
-        connections, so the connections that come last are not closed merely for coming last."""
-        targets = list(self.conns.values())
+    def _broadcast_within_budget(self, frame: bytes, targets: list | None = None) -> None:
+        """A broadcast (or room push, to ``targets``) that could pass max_total_output_bytes. A
+        connection that takes its copy is sent it at once, so readers hold nothing; once the
+        total passes the budget, the largest outputs are closed, with room left for the copies
+        still to go to blocked connections, so the connections that come last are not closed
+        merely for coming last."""
+        if targets is None:
+            targets = list(self.conns.values())
         blocked = [bool(conn.events & WRITE) for conn in targets]
         to_come = sum(blocked)
         for conn, was_blocked in zip(targets, blocked):
@@ -770,6 +882,7 @@ class Acceptor:
             log.log(level, "net_id %s closed: %s", conn.net_id, reason, extra=fields)
         conn.state = CLOSED
         self.conns.pop(conn.net_id, None)
+        self.rooms.leave_all(conn.net_id)  # before on_disconnect runs (queued by advance below)
         try:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):

@@ -220,11 +220,54 @@ def check(config: Optional[str] = None, **values) -> None:
     if problem:
         # A warning, not an error: the server these settings are for may be the one holding the port.
         _warn(f"{problem} (serve would exit 1 unless that changes before it starts)")
+    if settings.cluster:
+        _check_cluster(settings)
     error, summary = _import_in_fresh_process(spec)
     if error:
         _fail(error, EXIT_HANDLERS)
     typer.echo(f"# handlers {spec}: OK ({summary})")
     typer.echo(f"# json codec: {JSON_CODEC} ({JSON_CODEC_ENV}=stdlib in the environment: the standard library)")
+
+
+def _check_cluster(settings: Settings) -> None:
+    """Try the Redis connection of the ``cluster`` setting: exit 2 without hiredis or with a bad
+    URL; a warning when Redis can't be reached now (serve would serve its own clients meanwhile)
+    or when a live node already holds this node_name (serve would exit 2)."""
+    try:
+        import hiredis
+
+        from .broker import RedisURLError, parse_url, probe
+        from .cluster import default_node_name, node_key
+    except ImportError as exc:
+        if exc.name != "hiredis":
+            raise
+        _fail("the cluster setting needs hiredis, which is not installed: pip install 'simplerpc-mp[cluster]'", EXIT_CONFIG)
+    try:
+        url = parse_url(settings.cluster)
+    except RedisURLError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    name = settings.node_name or (default_node_name(settings.port) if settings.port else "")
+    try:
+        info, scan, held = probe(url, [
+            [b"INFO", b"server"], [b"SCAN", 0, b"MATCH", node_key("*"), b"COUNT", 1000],
+            [b"EXISTS", node_key(name)] if name else [b"PING"],
+        ])
+    except (OSError, hiredis.ReplyError) as exc:
+        _warn(f"cluster: cannot use Redis at {url.safe} now: {exc} (serve would serve its own clients only, "
+              "and join the cluster once Redis is reachable)")
+        return
+    fields = dict(line.split(":", 1) for line in info.decode().splitlines() if ":" in line)
+    if "valkey_version" in fields:
+        version = f"Valkey {fields['valkey_version']}"
+    else:
+        version = f"Redis {fields.get('redis_version', '?')}"
+    typer.echo(f"# cluster {url.safe}: OK ({version}; live nodes seen: {len(scan[1])})")
+    major_minor = tuple(int(part) for part in fields.get("redis_version", "0.0").split(".")[:2] if part.isdigit())
+    if major_minor < (6, 2):
+        _warn(f"cluster: {version} is older than the 6.2 this server is tested with")
+    if name and held == 1:
+        _warn(f"cluster: node_name {name!r} is held by a node (serve would exit 2 if that node is alive, "
+              "unless it is this one)")
 
 
 def _toml(value: Any) -> str:

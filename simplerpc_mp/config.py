@@ -180,8 +180,14 @@ SETTINGS: tuple[Setting, ...] = (
     _s("idle_timeout", float, 0.0, "Close connections silent for this many seconds (0 = off).", "limits", minimum=0, maximum=MAX_DURATION_S),
     _s("max_answer_bytes", int, 16 * MiB, "Largest answer or push a handler may send; a larger answer becomes FAIL AnswerTooLarge, a larger push is dropped.", "limits", minimum=1024),
     _s("max_session_bytes", int, 4 * MiB, "Largest pickled conn.session; a change past it fails the RPC with FAIL SessionTooLarge and is discarded.", "limits", minimum=1024),
+    _s("max_rooms_per_connection", int, 1000, "Rooms one connection may be in; a join past it raises TooManyRooms in the handler (FAIL TooManyRooms unless caught).", "limits", minimum=1),
     _s("max_total_request_bytes", int, 192 * MiB, "Request bytes all connections together may hold (queued, running, partial lines); past it those holding the most are not read until under 3/4 of it.", "limits", minimum=1024),
     _s("max_total_output_bytes", int, 384 * MiB, "Unsent output all connections together may hold; past it those holding the most are closed, largest first.", "limits", minimum=1024),
+    # -- cluster
+    _s("cluster", str, "", "Redis URL (redis://[user:password@]host[:port][/db], rediss:// for TLS) joining this server to a cluster of servers that push to each other's clients; empty = a single server.", "cluster"),
+    _s("node_name", str, "", "This node's name in the cluster, unique among live nodes; empty = <hostname>:<port>.", "cluster"),
+    _s("cluster_node_ttl", float, 10.0, "Seconds a node's heartbeat key lives in Redis (refreshed every third of it): a node that died leaves the cluster within this time.", "cluster", minimum=0.3, maximum=MAX_DURATION_S),
+    _s("cluster_buffer_bytes", int, 16 * MiB, "Bytes of messages waiting to be sent to Redis; past it cross-node pushes are dropped and counted.", "cluster", minimum=1024),
     # -- logging
     _s("log_level", str, "info", "Least severe level logged.", "logging", choices=("debug", "info", "warning", "error", "critical")),
     _s("log_format", str, "text", "Log line format: text (one line, pid included) or json (one object per line).", "logging", choices=("text", "json")),

@@ -172,6 +172,8 @@ class Dispatch:
         lines = 0
         job_id = self.next_job_id
         now_ns = now_ns or time.monotonic_ns()
+        rooms = self.acceptor.rooms
+        in_rooms = rooms.conn_rooms  # (empty while no one is in a room: then one test per job)
         for job in batch:
             job.job_id = job_id
             job.sent_ns = now_ns
@@ -180,7 +182,11 @@ class Dispatch:
             session = job.conn.session
             if session is not None or job.kind == ipc.DISCONNECT:
                 session = self._session_for(worker, job)
-            items.append((job.job_id, job.kind, job.conn.net_id, job.payload, session))
+            net_id = job.conn.net_id
+            room_set = None
+            if in_rooms or job.kind == ipc.DISCONNECT:
+                room_set = self._rooms_for(worker, job, rooms.shipped(net_id))
+            items.append((job.job_id, job.kind, net_id, job.payload, session, room_set))
         self.next_job_id = job_id
         worker.jobs.extend(batch)
         worker.batches.append(job_id - 1)
@@ -199,6 +205,16 @@ class Dispatch:
         """The job's session as this worker is sent it: ``HELD`` if it has the current one."""
         conn = job.conn
         return worker.sessions.ship(conn.net_id, job.kind, conn.session_version, conn.session)
+
+    @staticmethod
+    def _rooms_for(worker: WorkerHandle, job: Job, shipped):
+        """The job's rooms field: None for none, ``HELD`` if this worker has the current set,
+        else the frozenset (kept in step with the worker's copy exactly as sessions are)."""
+        if shipped is None:
+            if job.kind != ipc.DISCONNECT:
+                return None
+            shipped = (0, None)
+        return worker.room_sets.ship(job.conn.net_id, job.kind, shipped[0], shipped[1])
 
     def _write(self, worker: WorkerHandle, data: bytes) -> None:
         if worker.wbuf:

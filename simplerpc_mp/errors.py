@@ -22,6 +22,7 @@ __all__ = [
     "SessionReadOnly",
     "AnswerTooLarge",
     "SessionTooLarge",
+    "TooManyRooms",
     "RemoteError",
     "UNKNOWN_REASON",
     "UNKNOWN_MESSAGE",
@@ -103,6 +104,10 @@ class AnswerTooLarge(SimpleRPCException):
 
 class SessionTooLarge(SimpleRPCException):
     """The RPC left a pickled ``conn.session`` longer than ``max_session_bytes``; the change was discarded."""
+
+
+class TooManyRooms(SimpleRPCException):
+    """A join would put the connection in more than ``max_rooms_per_connection`` rooms."""
 
 
 class RemoteError(Exception):

@@ -3,7 +3,10 @@
 A ``Handlers`` object is built at import time of the user's module, in every worker process
 (and in the acceptor only when a script passes one to ``Server``). ``Conn`` objects live in a
 worker for the duration of one job; pushes they make are collected and sent to the acceptor,
-which routes them by ``net_id``.
+which routes them by ``net_id``. Room joins, leaves and room pushes go in the same list, as
+*actions* (tuples of 3 or 4 items, a push has 2), so the acceptor applies all of them in the
+order the handler made them (see ``rooms.py``): ``(JOIN, net_id, room)``, ``(LEAVE, net_id,
+room)``, ``(ROOM_PUSH, room, frame, excluded net_id or None)``.
 """
 
 from __future__ import annotations
@@ -15,12 +18,19 @@ import sys
 from typing import Any, Callable
 
 from .config import SETTINGS_BY_NAME, ConfigError
-from .errors import SessionReadOnly
+from .errors import SessionReadOnly, TooManyRooms
 from .protocol import encode_frame
+from .rooms import check_room
 
-__all__ = ["Handlers", "Conn", "PushLimit", "load_handlers", "HandlerLoadError", "BROADCAST"]
+__all__ = [
+    "Handlers", "Conn", "PushLimit", "load_handlers", "HandlerLoadError", "BROADCAST", "JOIN", "LEAVE", "ROOM_PUSH",
+    "DEFAULT_MAX_ROOMS",
+]
 
 BROADCAST = -1  # push target meaning "every connected client"
+JOIN, LEAVE, ROOM_PUSH = range(3)  # the tags of room actions (see the module docstring)
+DEFAULT_MAX_ROOMS = 1000  # config.py's default of max_rooms_per_connection
+_NO_ROOMS: frozenset = frozenset()
 
 log = logging.getLogger("simplerpc_mp.handlers")
 
@@ -153,22 +163,92 @@ class PushLimit:
 
 
 class Conn:
-    """What a handler gets as ``conn``: identity, session, and the ways to push RPCs.
+    """What a handler gets as ``conn``: identity, session, rooms, and the ways to push RPCs.
 
     A push is encoded here, when the handler makes it: data JSON cannot encode raises (the RPC
     fails ``Unknown``, and the error names the push), and a frame longer than ``push_limit``
     allows is dropped, logged and counted; the RPC goes on, since the answer is still small.
     """
 
-    __slots__ = ("net_id", "session", "okay_data", "pushes", "push_limit")
+    __slots__ = ("net_id", "session", "okay_data", "pushes", "push_limit", "_rooms", "max_rooms")
 
     def __init__(self, net_id: int, session: dict, pushes: list, read_only: bool = False,
-                 push_limit: PushLimit | None = None):
+                 push_limit: PushLimit | None = None, rooms: frozenset | None = None,
+                 max_rooms: int = DEFAULT_MAX_ROOMS):
         self.net_id = net_id
         self.session = _ReadOnlySession(session) if read_only else session
         self.okay_data: dict | None = None
-        self.pushes = pushes  # (target net_id or BROADCAST, encoded frame), sent with the answer
+        # (target net_id or BROADCAST, encoded frame) and room actions, sent with the answer
+        self.pushes = pushes
         self.push_limit = push_limit  # None: no size limit (a Conn made outside a worker)
+        # The rooms as the acceptor shipped them with the job (a frozenset), or a set once this
+        # handler joined or left one (``rooms`` freezes it again when read).
+        self._rooms = rooms or _NO_ROOMS
+        self.max_rooms = max_rooms
+
+    # -- rooms (membership is the acceptor's: these ask it for changes, in order) -------------
+
+    @property
+    def rooms(self) -> frozenset:
+        """The rooms this connection is in: as of the start of the RPC, plus this handler's
+        own joins and leaves (a concurrent op of the connection may change them meanwhile)."""
+        rooms = self._rooms
+        if type(rooms) is not frozenset:
+            rooms = self._rooms = frozenset(rooms)
+        return rooms
+
+    def join(self, room: str) -> None:
+        """Enter ``room`` (a non-empty str of at most 200 characters, else ``ValueError``);
+        ``TooManyRooms`` past ``max_rooms_per_connection``. Joining twice is not an error."""
+        room = check_room(room)
+        rooms = self._rooms
+        if room not in rooms:
+            if len(rooms) >= self.max_rooms:
+                raise TooManyRooms(
+                    f"cannot join {room!r}: the connection is in {len(rooms)} rooms, "
+                    f"max_rooms_per_connection is {self.max_rooms}"
+                )
+            if type(rooms) is frozenset:
+                rooms = self._rooms = set(rooms)
+            rooms.add(room)
+        self.pushes.append((JOIN, self.net_id, room))
+
+    def leave(self, room: str) -> None:
+        """Leave ``room``; leaving a room the connection is not in is not an error."""
+        room = check_room(room)
+        rooms = self._rooms
+        if room in rooms:
+            if type(rooms) is frozenset:
+                rooms = self._rooms = set(rooms)
+            rooms.discard(room)
+        self.pushes.append((LEAVE, self.net_id, room))
+
+    def join_to(self, net_id: int, room: str) -> None:
+        """Put another connection in ``room`` (ignored and counted if it has gone, or if it is
+        in ``max_rooms_per_connection`` rooms already)."""
+        net_id = int(net_id)
+        if net_id == self.net_id:
+            self.join(room)
+        else:
+            self.pushes.append((JOIN, net_id, check_room(room)))
+
+    def leave_to(self, net_id: int, room: str) -> None:
+        """Take another connection out of ``room`` (ignored and counted if it has gone)."""
+        net_id = int(net_id)
+        if net_id == self.net_id:
+            self.leave(room)
+        else:
+            self.pushes.append((LEAVE, net_id, check_room(room)))
+
+    def rpc_room(self, room: str, op: str, data: dict, exclude_self: bool = False) -> None:
+        """Push an RPC to every member of ``room`` (this connection too, unless ``exclude_self``);
+        an empty or unknown room is not an error. Encoded once, however many members."""
+        room = check_room(room)
+        frame = self._encode(op, data, f"room {room!r}")
+        if frame is not None:
+            self.pushes.append((ROOM_PUSH, room, frame, self.net_id if exclude_self else None))
+
+    # -- pushes ----------------------------------------------------------------------------
 
     def rpc(self, op: str, data: dict) -> None:
         """Push an RPC to this client."""
@@ -183,20 +263,26 @@ class Conn:
         self._push(BROADCAST, op, data)
 
     def _push(self, target: int, op: str, data: dict) -> None:
+        frame = self._encode(op, data, _target_name(target))
+        if frame is not None:
+            self.pushes.append((target, frame))
+
+    def _encode(self, op: str, data: dict, target_name: str) -> bytes | None:
+        """The push's frame, or None if it is over the size limit (dropped, logged, counted)."""
         try:
             frame = encode_frame(op, data)
         except (TypeError, ValueError, RecursionError) as exc:
             # The same error type, so a handler catching it still does; the message says which push.
-            raise type(exc)(f"push {op!r} to {_target_name(target)} cannot be encoded: {exc}") from None
+            raise type(exc)(f"push {op!r} to {target_name} cannot be encoded: {exc}") from None
         limit = self.push_limit
         if limit is not None and len(frame) > limit.max_bytes:
             limit.dropped += 1
             log.warning(
                 "push %r to %s dropped: %d bytes is over max_answer_bytes (%d) (from net_id %s, pid %s; %d dropped so far)",
-                op, _target_name(target), len(frame), limit.max_bytes, self.net_id, os.getpid(), limit.dropped,
+                op, target_name, len(frame), limit.max_bytes, self.net_id, os.getpid(), limit.dropped,
             )
-            return
-        self.pushes.append((target, frame))
+            return None
+        return frame
 
     # The seed's Connection and Client both spelled it this way.
     send = rpc

@@ -8,7 +8,7 @@ crosses between processes of one server, never from clients.
 
 acceptor -> worker::
 
-    (BATCH, [job, ...])   job = (job_id, kind, net_id, payload, session)
+    (BATCH, [job, ...])   job = (job_id, kind, net_id, payload, session, rooms)
     (STOP,)               finish what you have, then exit 0
 
 worker -> acceptor::
@@ -29,7 +29,10 @@ included). Job ids only grow, so one number says it all.
 ``payload`` is one or more complete lines, each ending in LF, exactly as the client sent them.
 ``answers`` are the encoded answer lines for lines ``first .. first+count-1`` of the job, in
 order. ``session`` is a pickled dict, ``None`` for an empty one; in a reply, ``UNCHANGED``
-means the job left it as it was. ``pushes`` is a list of ``(net_id or BROADCAST, frame)``.
+means the job left it as it was. ``rooms`` is the frozenset of the connection's rooms (None for
+none) when the job was sent, or ``HELD`` (cached like sessions, in a ``SessionCache`` of its own
+per worker: a connection in many rooms does not ship them with every job). ``pushes`` is a list of ``(net_id or BROADCAST, frame)`` and of
+room actions (joins, leaves, room pushes: see ``handlers``), in the order the handler made them.
 A reply for several lines carries the pushes and session change of its first line only (they
 go out before its answers): the worker starts a new reply at any later line that pushes or
 changes the session, so one reply per job is the common case, not one per line.

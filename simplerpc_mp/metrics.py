@@ -148,15 +148,52 @@ class Collector:
             yield from _provided(name, provide())
 
 
+# Sections of Server.stats_providers with metrics of their own: key -> (metric, kind, help).
+_SECTION_METRICS = {
+    "rooms": {
+        "rooms": ("simplerpc_rooms", "gauge", "Rooms with at least one member."),
+        "room_members": ("simplerpc_room_members", "gauge", "Memberships (a connection in 3 rooms counts 3)."),
+        "room_pushes": ("simplerpc_room_pushes_total", "counter", "Pushes to a room."),
+        "room_deliveries": ("simplerpc_room_deliveries_total", "counter", "Room push frames put in a member's output."),
+        "room_joins": ("simplerpc_room_joins_total", "counter", "Joins."),
+        "room_leaves": ("simplerpc_room_leaves_total", "counter", "Leaves."),
+        "room_joins_refused": ("simplerpc_room_joins_refused_total", "counter", "Joins past max_rooms_per_connection."),
+    },
+    "cluster": {
+        "outages": ("simplerpc_cluster_broker_outages_total", "counter", "Times the Redis link was lost."),
+        "pushes_forwarded": ("simplerpc_cluster_pushes_forwarded_total", "counter", "Pushes sent to another node."),
+        "broadcasts_published": ("simplerpc_cluster_broadcasts_published_total", "counter", "Broadcasts published."),
+        "room_pushes_published": ("simplerpc_cluster_room_pushes_published_total", "counter", "Room pushes published."),
+        "pushes_received": ("simplerpc_cluster_pushes_received_total", "counter", "Pushes received from other nodes."),
+        "buffered_bytes": ("simplerpc_cluster_buffered_bytes", "gauge", "Bytes waiting for the Redis link."),
+    },
+}
+
+
 def _provided(name: str, section):
-    """A section of Server.stats_providers as gauges ``simplerpc_<name>_<key>`` (numbers only)."""
-    from prometheus_client.core import GaugeMetricFamily
+    """A section of Server.stats_providers as metrics: the known keys of ``_SECTION_METRICS``
+    under their names, any other number as a gauge ``simplerpc_<name>_<key>``."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     if not isinstance(section, dict):
         return
+    known = _SECTION_METRICS.get(name, {})
     for key, value in section.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and str(key).isidentifier():
-            yield GaugeMetricFamily(f"simplerpc_{name}_{key}", f"{name}: {key}.", value=value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not str(key).isidentifier():
+            continue
+        metric, kind, text = known.get(key, (f"simplerpc_{name}_{key}", "gauge", f"{name}: {key}."))
+        family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        yield family(metric, text, value=value)
+    if name == "cluster":
+        up = GaugeMetricFamily("simplerpc_cluster_broker_up", "1 while the Redis link is up.")
+        up.add_metric([], 1 if section.get("broker") == "up" else 0)
+        yield up
+        dropped = CounterMetricFamily("simplerpc_cluster_pushes_dropped_total", "Cross-node pushes dropped, by reason.",
+                                      labels=["reason"])
+        for reason, n in (section.get("pushes_dropped") or {}).items():
+            dropped.add_metric([reason], n)
+        yield dropped
+        yield GaugeMetricFamily("simplerpc_cluster_nodes", "Live nodes of the cluster.", value=len(section.get("nodes", ())))
 
 
 def _le(bound: float) -> str:

@@ -107,6 +107,7 @@ class Server:
         self._stopping = False
         self._done = False
         self._graceful_timer = None
+        self.cluster = None  # cluster.Cluster when the ``cluster`` setting names a Redis URL
         self.started_at = time.monotonic()
         # Extra sections of the stats snapshot: name -> function returning a JSON-able value.
         self.stats_providers: dict = {}
@@ -156,15 +157,28 @@ class Server:
         self._configure_logging()
         self._check_handlers_picklable()
         _raise_open_file_limit(self.settings)
+        cluster_class = self._cluster_class()
         self.listen()
         selector = self._selector
+        if cluster_class is not None:
+            self.cluster = cluster_class(self.settings, selector, self.timers, self.acceptor, self.address[1])
+            self.acceptor.cluster = self.cluster
+            self.cluster.start()
         self.pool = Pool(
             self.settings, self.handlers_spec, selector, self.timers, self.acceptor,
             on_first_boot=self.acceptor.start_accepting, on_all_booted=self._on_ready,
         )
         self.started_at = time.monotonic()
-        self._open_control()
-        self._open_metrics()
+        self.stats_providers.setdefault("rooms", self.acceptor.rooms.stats)
+        if self.cluster is not None:
+            self.stats_providers.setdefault("cluster", self.cluster.stats)
+        try:
+            self._open_control()
+            self._open_metrics()
+        except ServerError:
+            if self.cluster is not None:
+                self.cluster.close()
+            raise
         selector.register(self._wake_r, selectors.EVENT_READ, None)
         restore = self._install_signals()
         try:
@@ -185,6 +199,8 @@ class Server:
             if self.pool.workers:
                 self.pool.kill_all()  # an unexpected error: leave no orphans
             restore()
+            if self.cluster is not None:
+                self.cluster.close()
             self._close_control()
             self.acceptor.stop_accepting(close=True)
             self.acceptor.close_all("server stopped")
@@ -238,6 +254,27 @@ class Server:
             configure_logging(self.settings.log_level, self.settings.log_format, self.settings.log_file)
         except OSError as exc:
             raise ServerError(f"cannot open log_file {self.settings.log_file!r}: {exc.strerror or exc}", EXIT_CONFIG) from None
+
+    def _cluster_class(self):
+        """``cluster.Cluster`` when the ``cluster`` setting is set (its extra installed, its URL
+        usable), else None; ``ServerError`` (exit 2) with one line otherwise."""
+        if not self.settings.cluster:
+            return None
+        try:
+            from .cluster import Cluster
+        except ImportError as exc:
+            if exc.name != "hiredis":
+                raise
+            raise ServerError(
+                "the cluster setting needs hiredis, which is not installed: pip install 'simplerpc-mp[cluster]'", EXIT_CONFIG
+            ) from None
+        from .broker import RedisURLError, parse_url
+
+        try:
+            parse_url(self.settings.cluster)
+        except RedisURLError as exc:
+            raise ServerError(str(exc), EXIT_CONFIG) from None
+        return Cluster
 
     def _check_handlers_picklable(self) -> None:
         if isinstance(self.handlers_spec, Handlers):
@@ -375,8 +412,9 @@ class Server:
         except ConfigError as exc:  # keep serving with the settings we have
             log.error("reload: settings not changed: %s", exc)
             return
-        # What a running server cannot change.
-        fixed = ("host", "port", "handlers", "control_socket", "metrics_port", "metrics_host")
+        # What a running server cannot change (the cluster settings: the links and keys are made at start).
+        fixed = ("host", "port", "handlers", "cluster", "node_name", "cluster_node_ttl", "cluster_buffer_bytes",
+                 "control_socket", "metrics_port", "metrics_host")
         changed = [s for s in fixed if getattr(new, s) != getattr(self.settings, s)]
         if changed:
             log.warning("reload: %s cannot change while running; restart to apply", ", ".join(changed))

@@ -95,7 +95,7 @@ class WorkerHandle:
         "booted", "accepting", "stopping", "dead", "lines_sent", "max_lines", "generation",
         "check_timer", "sweep_timer", "timed_out", "boot_error", "retire_reason", "kill_timer", "booted_at",
         "claim_lock", "spare", "yield_flag", "last_done_ns", "overdue", "sessions",
-        "boot_timer", "killed_for", "served", "restart_kind", "spawned_at",
+        "boot_timer", "killed_for", "room_sets", "served", "restart_kind", "spawned_at",
     )
 
     def __init__(self, worker_id: int, process, sock: socket.socket, board, journal, generation: int, max_lines: int,
@@ -131,6 +131,7 @@ class WorkerHandle:
         self.last_done_ns = 0  # when its last job finished (the scheduler's cost measurements)
         self.overdue: tuple | None = None  # the board as first seen past its deadline (check_deadline)
         self.sessions = ipc.SessionCache()  # which connections' sessions it holds (see ipc)
+        self.room_sets = ipc.SessionCache()  # and which connections' rooms, the same way
         self.boot_timer = None  # boot_timeout
         self.killed_for = ""  # why the supervisor killed it, if it did: its exit is no crash
         self.served = 0  # lines answered (stats)
@@ -222,6 +223,7 @@ class Pool(Dispatch):
             "timeout": settings.timeout,
             "max_answer_bytes": settings.max_answer_bytes,
             "max_session_bytes": settings.max_session_bytes,
+            "max_rooms_per_connection": settings.max_rooms_per_connection,
         }
         process = self.ctx.Process(
             target=worker_main,

@@ -29,7 +29,7 @@ from . import ipc
 from .errors import (
     UNKNOWN_MESSAGE, UNKNOWN_REASON, AnswerTooLarge, SessionTooLarge, SimpleRPCException, UnknownOpcode,
 )
-from .handlers import Conn, Handlers, HandlerLoadError, PushLimit, load_handlers
+from .handlers import DEFAULT_MAX_ROOMS, Conn, Handlers, HandlerLoadError, PushLimit, load_handlers
 from .logs import RateLimitedLog, configure_logging, tag_records
 from .protocol import decode_frame, encode_fail, encode_okay, split_lines
 from .scheduler import SLICE_NS
@@ -51,7 +51,8 @@ def worker_main(sock, board, journal, claim_lock, handlers_spec, options: dict, 
                 log_settings: dict, parent_pid: int) -> None:
     """Entry point of a worker process (called in the child).
 
-    ``limits``: the settings ``timeout``, ``max_answer_bytes`` and ``max_session_bytes``.
+    ``limits``: the settings ``timeout``, ``max_answer_bytes``, ``max_session_bytes`` and
+    ``max_rooms_per_connection``.
     """
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
@@ -81,6 +82,7 @@ def worker_main(sock, board, journal, claim_lock, handlers_spec, options: dict, 
     Worker(
         sock, board, journal_writer, handlers, limits["timeout"], log_settings.get("access_log", False), claim_lock,
         max_answer_bytes=limits["max_answer_bytes"], max_session_bytes=limits["max_session_bytes"],
+        max_rooms=limits.get("max_rooms_per_connection", DEFAULT_MAX_ROOMS),
     ).run()
     _exit_now(0)
 
@@ -135,7 +137,8 @@ class Worker:
 
     def __init__(self, sock: socket.socket, board, journal: ipc.Journal, handlers: Handlers,
                  default_timeout: float, access_log: bool, claim_lock=None, *,
-                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES, max_session_bytes: int = DEFAULT_MAX_SESSION_BYTES):
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES, max_session_bytes: int = DEFAULT_MAX_SESSION_BYTES,
+                 max_rooms: int = DEFAULT_MAX_ROOMS):
         self.sock = sock
         self.claim_lock = claim_lock  # see ipc's docstring: taking jobs back
         self.log_limit = RateLimitedLog()  # what it held back is logged after the next batch
@@ -153,8 +156,10 @@ class Worker:
         self.last_send_ns = 0
         self.max_answer_bytes = max_answer_bytes
         self.max_session_bytes = max_session_bytes
+        self.max_rooms = max_rooms  # max_rooms_per_connection, checked by conn.join
         self.push_limit = PushLimit(max_answer_bytes)  # .dropped counts the pushes dropped
         self.held = ipc.SessionCache()  # the sessions the acceptor may send as HELD (see ipc)
+        self.held_rooms = ipc.SessionCache()  # and the connections' rooms, the same way
         # The FAIL of an RPC whose session change session_change refused, for finished() to send
         # in place of its answer; and what ran last, for that refusal's log line.
         self.session_refusal: bytes | None = None
@@ -236,17 +241,25 @@ class Worker:
 
     def take_sessions(self, jobs: list) -> list:
         """Replace each job's session field by the pickled session it stands for (``HELD``
-        included), in order, for every job received: see ipc's docstring."""
+        included), and its rooms field by the rooms, in order, for every job received: see
+        ipc's docstring."""
         held = self.held
+        held_rooms = self.held_rooms
         for index, job in enumerate(jobs):
-            if job[4] is not None or job[1] == ipc.DISCONNECT:
-                jobs[index] = job[:4] + (held.take(job[2], job[1], job[4]),)
+            session, rooms = job[4], job[5]
+            disconnect = job[1] == ipc.DISCONNECT
+            if session is not None or rooms is not None or disconnect:
+                if session is not None or disconnect:
+                    session = held.take(job[2], job[1], session)
+                if rooms is not None or disconnect:
+                    rooms = held_rooms.take(job[2], job[1], rooms)
+                jobs[index] = (job[0], job[1], job[2], job[3], session, rooms)
         return jobs
 
     def run_batch(self, jobs: list) -> None:
         board = self.board
         clock = time.monotonic_ns
-        for job_id, kind, net_id, payload, session_blob in jobs:
+        for job_id, kind, net_id, payload, session_blob, rooms in jobs:
             # Flushes happen while the board still names the RPC that finished (so a death in
             # the send does not count the next one as started), and before its clock starts.
             if self.replies and clock() - self.last_send_ns > FLUSH_AFTER_NS:
@@ -260,10 +273,12 @@ class Worker:
             session = pickle.loads(session_blob) if session_blob else {}
             pushes: list = []
             if kind == ipc.CONNECT or kind == ipc.DISCONNECT:
-                self.run_hook(kind, Conn(net_id, session, pushes, push_limit=self.push_limit))
+                self.run_hook(kind, Conn(net_id, session, pushes, push_limit=self.push_limit, rooms=rooms,
+                                         max_rooms=self.max_rooms))
                 self.finished(job_id, 0, 0, b"", pushes, self.session_change(kind, session, session_blob))
                 continue
-            conn = Conn(net_id, session, pushes, read_only=kind == ipc.CONCURRENT, push_limit=self.push_limit)
+            conn = Conn(net_id, session, pushes, read_only=kind == ipc.CONCURRENT, push_limit=self.push_limit,
+                        rooms=rooms, max_rooms=self.max_rooms)
             tracks_session = kind != ipc.CONCURRENT
             lines = split_lines(payload)
             job_start = clock()  # its time slice counts the lines, not the session's unpickling

@@ -129,7 +129,7 @@ def test_handlers_table_without_module_keeps_the_default(tmp_path):
 @pytest.mark.parametrize("text, expected", [
     # unknown key, with and without a suggestion
     ("max_request = 5\n", "{path}: unknown key max_request (did you mean max_requests?)"),
-    ("colour = 5\n", "{path}: unknown key colour; expected a setting"),
+    ("flavour = 5\n", "{path}: unknown key flavour; expected a setting"),
     ("[server]\nport = 1\n", "{path}: unknown table server; expected a setting"),
     # wrong type
     ('workers = "four"\n', '{path}: key workers: expected an integer from 0 to 1024, got "four"'),

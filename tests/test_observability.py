@@ -514,3 +514,36 @@ def test_closed_counts_by_reason(obs_server):
             pass
     closed = wait_until(lambda: (c := snapshot(server)["closed"])["idle_timeout"] == 1 and c, 30, 0.05, "the idle close")
     assert closed["max_connections"] == 1 and closed["output_hard_limit"] == 0
+
+
+def test_rooms_are_a_section_of_stats_and_metrics(start_server, runtime_dir):
+    port = _free_port()
+    server = start_server("--handlers", "tests.handlers.rooms_ops", "--metrics-port", str(port),
+                          env={"XDG_RUNTIME_DIR": runtime_dir})
+    server.control_path = os.path.join(runtime_dir, "simplerpc-mp", f"control-{server.port}.sock")
+    with server.client() as a, server.client() as b:
+        a.call("join", {"room": "lobby"})
+        b.call("join", {"room": "lobby"})
+        rooms = snapshot(server)["rooms"]
+        assert rooms["rooms"] == 1 and rooms["room_members"] == 2
+        values = samples(scrape(port))
+    assert values[("simplerpc_rooms", frozenset())] == 1
+    assert values[("simplerpc_room_joins_total", frozenset())] == 2
+
+
+def test_cluster_section_becomes_metrics():
+    from prometheus_client.core import Metric
+
+    from simplerpc_mp.metrics import _provided
+
+    section = {"node_name": "a", "node_number": 3, "broker": "up", "url": "redis://x", "outages": 1, "outage_s": 0.0,
+               "pushes_forwarded": 5, "broadcasts_published": 1, "room_pushes_published": 0, "pushes_received": 4,
+               "pushes_dropped": {"redis_down": 2, "buffer_full": 0, "no_node": 1}, "buffered_bytes": 0,
+               "links": {"cmd": {"state": "up"}}, "nodes": [{"name": "a"}, {"name": "b"}]}
+    families = {f.name: f for f in _provided("cluster", section)}
+    assert all(isinstance(f, Metric) for f in families.values())
+    assert families["simplerpc_cluster_broker_up"].samples[0].value == 1
+    assert families["simplerpc_cluster_nodes"].samples[0].value == 2
+    assert families["simplerpc_cluster_pushes_forwarded"].type == "counter"
+    dropped = {s.labels["reason"]: s.value for s in families["simplerpc_cluster_pushes_dropped"].samples}
+    assert dropped == {"redis_down": 2, "buffer_full": 0, "no_node": 1}
