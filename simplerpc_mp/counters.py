@@ -103,6 +103,7 @@ class Counters:
 
     def __init__(self) -> None:
         self.ops: dict[bytes, OpStats] = {}  # registered ops, by the bytes clients send
+        self._needles: dict[bytes, bytes] = {}  # op -> b"\nop{", a later line calling it
         self.other = OpStats()
         self.restarts = dict.fromkeys(RESTART_REASONS, 0)
         self.recent_restarts: deque = deque(maxlen=RECENT_RESTARTS)  # (time.time(), worker_id, pid, reason)
@@ -116,6 +117,7 @@ class Counters:
             key = name.encode("utf-8")
             if key not in self.ops:
                 self.ops[key] = OpStats()
+                self._needles[key] = b"\n" + key + b"{"
 
     def by_name(self) -> dict[str, OpStats]:
         named = {key.decode("utf-8"): stats for key, stats in self.ops.items()}
@@ -130,7 +132,7 @@ class Counters:
         payload = job.payload
         op = payload[:payload.find(b"{")]
         count = job.count
-        if count <= 1 or payload.count(b"\n" + op + b"{") == count - 1:
+        if count <= 1 or payload.count(self._needles.get(op) or b"\n" + op + b"{") == count - 1:
             found = self.ops.get(op) or self.other
         else:
             ops, other = self.ops, self.other
