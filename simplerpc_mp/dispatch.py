@@ -180,7 +180,7 @@ class Dispatch:
             session = job.conn.session
             if session is not None or job.kind == ipc.DISCONNECT:
                 session = self._session_for(worker, job)
-            items.append((job.job_id, job.kind, job.conn.net_id, job.payload, session))
+            items.append((job.job_id, job.kind, job.conn.net_id, job.payload, session, job.conn.identity))
         self.next_job_id = job_id
         worker.jobs.extend(batch)
         worker.batches.append(job_id - 1)
