@@ -67,6 +67,7 @@ _SCAN_WHOLE_CHUNK_BYTES = 4096  # see Acceptor._has_concurrent
 _FRAME_TOO_LARGE = FrameTooLarge.__name__
 _SHUTTING_DOWN = ShuttingDown.__name__
 _UNAUTHORIZED = Unauthorized.__name__
+_AUTH = ipc.AUTH
 
 
 class Listener:
@@ -534,11 +535,12 @@ class Acceptor:
             log, "refused", logging.WARNING, "refused connection from %s: max_connections (%d) reached",
             peer, self.settings.max_connections,
         )
-        try:
-            sock.setblocking(False)
-            sock.send(encode_fail(TooManyConnections.__name__, f"server holds max_connections={self.settings.max_connections}"))
-        except OSError:
-            pass
+        if self.tls_context is None:  # (a TLS client could not read a plain-text FAIL: just close)
+            try:
+                sock.setblocking(False)
+                sock.send(encode_fail(TooManyConnections.__name__, f"server holds max_connections={self.settings.max_connections}"))
+            except OSError:
+                pass
         sock.close()
 
     def _pause_accepting(self, exc: OSError) -> None:
@@ -849,7 +851,7 @@ class Acceptor:
             conn.session = session
             conn.session_version += 1
         if count:
-            if job.kind == ipc.AUTH:
+            if job.kind == _AUTH:
                 self._auth_answer(conn, answers)
                 return
             self.complete(conn, job.first + first, answers, count)

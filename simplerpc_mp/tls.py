@@ -105,15 +105,23 @@ def peer_common_name(sock: ssl.SSLSocket) -> str | None:
 
 
 class TLSStream:
-    """An ``SSLSocket`` with the plain socket's non-blocking contract, for the acceptor."""
+    """An ``SSLSocket`` with the plain socket's non-blocking contract, for the acceptor.
 
-    __slots__ = ("ssl", "conn", "hidden", "queued")
+    It calls the socket's ``_sslobj`` (CPython's C-level SSL object, there since 3.7) directly:
+    ``SSLSocket.recv`` and ``send`` add two Python calls each on top of it, per read and per write.
+    """
+
+    __slots__ = ("ssl", "conn", "hidden", "queued", "_read", "_write", "_pending")
 
     def __init__(self, ssl_sock: ssl.SSLSocket, conn: "TLSConnection"):
         self.ssl = ssl_sock
         self.conn = conn
         self.hidden = False  # decrypted bytes wait inside the SSL layer (the selector can't see them)
         self.queued = False  # on the acceptor's read_ready list
+        sslobj = ssl_sock._sslobj
+        self._read = sslobj.read
+        self._write = sslobj.write
+        self._pending = sslobj.pending
 
     def fileno(self) -> int:
         return self.ssl.fileno()
@@ -122,10 +130,14 @@ class TLSStream:
         self.ssl.close()
 
     def recv(self, size: int) -> bytes:
-        """Up to ``size`` decrypted bytes: everything the TLS layer has, unless ``size`` stops it."""
-        ssl_sock = self.ssl
+        """Up to ``size`` decrypted bytes: everything the TLS layer has, unless ``size`` stops it.
+
+        A record's bytes not taken by one read are what ``pending()`` counts; bytes still in the
+        kernel are announced by the selector, so the drain stops when ``pending()`` is 0 (reading
+        on would only raise ``SSLWantReadError``, which costs more than the read).
+        """
         try:
-            data = ssl_sock.recv(size)
+            data = self._read(size)
         except ssl.SSLWantReadError:
             self.hidden = False
             raise BlockingIOError from None
@@ -135,27 +147,20 @@ class TLSStream:
             raise BlockingIOError from None
         except _EOF_ERRORS:
             return b""
-        got = len(data)
-        if not got:
+        pending = self._pending()
+        if not pending:
+            self.hidden = False
             return data
+        got = len(data)
         if got < size:
             parts = [data]
-            while got < size:
-                try:
-                    more = ssl_sock.recv(size - got)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLWantWriteError:
-                    self.conn.want_write_to_read()
-                    break
-                except _EOF_ERRORS:
-                    break  # the end is seen again by the next read (the socket stays readable)
-                if not more:
-                    break
+            while pending and got < size:
+                more = self._read(min(pending, size - got))  # decrypted already: cannot block
                 parts.append(more)
                 got += len(more)
+                pending = self._pending()
             data = b"".join(parts)
-        if got >= size and ssl_sock.pending():
+        if pending:
             self.hidden = True
             if not self.queued:
                 self.queued = True
@@ -166,7 +171,7 @@ class TLSStream:
 
     def send(self, data) -> int:
         try:
-            return self.ssl.send(data)
+            return self._write(data)
         except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
             # WantRead: the layer waits for the peer (renegotiation). Our read interest stays
             # on whenever we may read, and the next read lets the layer go on.

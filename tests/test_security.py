@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import trustme
 
-from simplerpc_mp import AsyncClient, Client, RemoteError
+from simplerpc_mp import AsyncClient, Client, ClientHandler, RemoteError
 from tests.conftest import REPO, RunningServer, wait_until
 
 GOOD_TOKEN = "s3cret-alice"
@@ -290,6 +290,18 @@ def test_nothing_reaches_a_connection_before_it_authenticates_then_on_connect_ru
         assert welcome.startswith(b"welcome") and json.loads(welcome[7:])["identity"] == "alice"
 
 
+@pytest.mark.parametrize("server_name", ["token_server", "on_auth_server"])
+def test_frames_pipelined_behind_a_good_auth_frame_run_after_it(request, server_name):
+    server = request.getfixturevalue(server_name)
+    auth = b'auth{"token":"%s"}\n' % GOOD_TOKEN.encode() if server_name == "token_server" else (
+        b'auth{"user":"bob","password":"builder"}\n')
+    with raw(server) as sock:
+        sock.sendall(auth + b"".join(b'echo{"n":%d}\n' % n for n in range(3)))  # one write, one read
+        okay, welcome, *answers = read_lines(sock, 5)
+    assert okay.startswith(b'OKAY{"identity":') and welcome.startswith(b"welcome")
+    assert answers == [b'OKAY{"n":%d}' % n for n in range(3)]
+
+
 @pytest.mark.parametrize("first", [b'auth{"token":"wrong"}\n', b"auth{}\n", b'echo{"x":1}\n', b"auth\n"],
                          ids=["wrong token", "no token", "frame before auth", "auth without data"])
 def test_a_bad_or_missing_token_gets_unauthorized_and_the_connection_is_closed(token_server, first):
@@ -400,6 +412,13 @@ def test_clients_and_cli_connect_with_every_option(full_server, pki, tmp_path):
     # the blocking client: the token's name wins over the certificate's
     with Client(full_server.host, full_server.port, ssl=context(pki, client=alice), token=GOOD_TOKEN) as client:
         assert client.call("whoami") == {"identity": "ci"}
+    # the seed's callback style on the same client: ClientHandler, rpc with a callback
+    handler, seen = ClientHandler(), []
+    handler.on("OKAY", lambda client, data: seen.append(data))
+    with Client(full_server.host, full_server.port, handler, ssl=context(pki, client=alice), token=GOOD_TOKEN) as client:
+        client.rpc("echo", {"seed": 1}, lambda op, data: seen.append((op, data)))
+        wait_until(lambda: client.poll(0.05) or len(seen) >= 3, what="the callbacks")
+    assert seen[-2:] == [{"seed": 1}, ("OKAY", {"seed": 1})]
     # ssl=True verifies against the system's CAs, which do not know this server's
     with pytest.raises(ssl.SSLCertVerificationError):
         Client(full_server.host, full_server.port, ssl=True, token=GOOD_TOKEN)
