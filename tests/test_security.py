@@ -347,7 +347,7 @@ def test_a_connection_that_does_not_authenticate_is_closed_at_auth_timeout(token
 def test_unauthenticated_connections_count_against_max_connections(fresh_servers, pki):
     server = fresh_servers.start("--handlers", "tests.handlers.sec_ops", "--auth-tokens-file", pki.tokens,
                                  "--max-connections", "2")
-    with raw(server) as first, raw(server) as second:
+    with raw(server) as first, raw(server):
         with pytest.raises(RemoteError) as refused:
             Client(server.host, server.port, token=GOOD_TOKEN)
         assert refused.value.reason == "TooManyConnections"
