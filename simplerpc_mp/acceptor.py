@@ -350,6 +350,9 @@ class Acceptor(Gatekeeper):
     def on_read(self, conn: Connection) -> None:
         if conn.state != OPEN:
             return
+        if conn.gate is not None:  # not authenticated yet: small reads, to the gate, never the decoder
+            self._read_gated(conn)
+            return
         size = RECV_BYTES
         if self.request_bytes > self.max_total_request:
             # Past the budget a connection reads up to its equal share (one that holds little, a
@@ -364,9 +367,6 @@ class Acceptor(Gatekeeper):
             return
         if not data:
             self.on_eof(conn)
-            return
-        if conn.gate is not None:
-            self._gate_input(conn, data)
             return
         conn.last_active = self.now
         partial = conn.decoder.buffered

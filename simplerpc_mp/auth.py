@@ -23,13 +23,16 @@ import stat
 
 __all__ = [
     "Tokens", "TokensFileError", "load_tokens", "Gate", "Replay", "is_loopback", "world_readable",
-    "MAX_AUTH_FRAME_BYTES", "REFUSAL_DELAY_S", "AUTH_OP",
+    "MAX_AUTH_FRAME_BYTES", "GATED_RECV_BYTES", "REFUSAL_DELAY_S", "AUTH_OP",
 ]
 
 AUTH_OP = b"auth"
 # An auth frame carries a token or a signed credential (a JWT is a few KiB): more before the
-# first line end is not an auth frame, and an unauthenticated peer gets no bigger buffer.
-MAX_AUTH_FRAME_BYTES = 64 * 1024
+# first line end is not an auth frame. An unauthenticated connection is read this much at a time
+# and not at all once its auth frame is in, so it holds at most about 20 KiB: 10,000 of them
+# (max_connections) about what max_total_request_bytes lets authenticated ones hold.
+MAX_AUTH_FRAME_BYTES = 16 * 1024
+GATED_RECV_BYTES = 4096
 # A refused auth frame is answered this much later (a timer, nobody else waits): guessing tokens
 # then costs a connection-second per guess.
 REFUSAL_DELAY_S = 1.0

@@ -112,6 +112,22 @@ class Gatekeeper:
             conn.queue.append(Job(conn, ipc.CONNECT, conn.next_seq, 0, b""))
             self.advance(conn)
 
+    def _read_gated(self, conn: Connection) -> None:
+        """Read a connection that has not authenticated: at most ``auth.GATED_RECV_BYTES`` at a
+        time, and nothing once its auth frame is in, so it holds at most the auth frame plus one
+        read however many connections do this at once."""
+        try:
+            data = conn.sock.recv(auth.GATED_RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close(conn, f"read failed: {exc.strerror or exc}", kind="read failed")
+            return
+        if not data:
+            self.on_eof(conn)
+            return
+        self._gate_input(conn, data)
+
     def _gate_input(self, conn: Connection, data: bytes) -> None:
         """Bytes from a connection that has not authenticated: find its first frame."""
         gate = conn.gate
