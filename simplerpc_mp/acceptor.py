@@ -207,7 +207,7 @@ class Acceptor(Gatekeeper):
         self.has_auth_fn = False  # a worker's @handlers.on_auth
         self.auth_failures = 0
         self.tls_failures = 0  # handshakes failed or timed out
-        self._warned_open = False
+        self._security_logged = False  # _log_security ran
         self.apply_settings(settings)
         self.load_security(settings)
 
@@ -256,7 +256,7 @@ class Acceptor(Gatekeeper):
         if self.accepting:
             return
         self.accepting = True
-        self._warn_if_open()
+        self._log_security()
         for listener in self.listeners:
             self.selector.register(listener.sock, READ, listener)
         if self.settings.idle_timeout > 0:

@@ -83,14 +83,25 @@ class Gatekeeper:
     def auth_required(self) -> bool:
         return self.tokens is not None or self.has_auth_fn
 
-    def _warn_if_open(self) -> None:
-        host = self.settings.host
-        if not self._warned_open and not auth.is_loopback(host) and self.tls_context is None and not self.auth_required:
-            self._warned_open = True
+    def _log_security(self) -> None:
+        """At start (the workers have said whether there is an on_auth): one line for what is
+        on, and the WARNING when a public address has neither TLS nor authentication."""
+        if self._security_logged:
+            return
+        self._security_logged = True
+        settings = self.settings
+        if self.tls_context is not None:
+            log.info("TLS on: certificate %s%s", settings.certfile,
+                     f", client certificates signed by {settings.ca_certs} required" if settings.ca_certs else "")
+        if self.auth_required:
+            how = ([f"{len(self.tokens)} tokens from {settings.auth_tokens_file}"] if self.tokens is not None else []) + (
+                ["@handlers.on_auth"] if self.has_auth_fn else [])
+            log.info("authentication on: %s", " and ".join(how))
+        elif self.tls_context is None and not auth.is_loopback(settings.host):
             log.warning(
                 "listening on %s without TLS or authentication: anyone who can reach the port can run every op "
                 "and read the traffic (set certfile/keyfile and auth_tokens_file, or register @handlers.on_auth)",
-                host,
+                settings.host,
             )
 
     def _gate(self, conn: Connection) -> None:

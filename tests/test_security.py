@@ -480,6 +480,15 @@ def test_a_non_loopback_bind_without_tls_or_auth_logs_one_warning(fresh_servers)
     assert log.count("without TLS or authentication") == 1
 
 
+def test_the_start_up_log_says_what_is_on(tls_server, mtls_server, token_server, on_auth_server, pki):
+    tls_server.wait_log(r"INFO .*TLS on: certificate \S+server\.pem")
+    mtls_server.wait_log(r"TLS on: certificate \S+, client certificates signed by \S+ca\.pem required")
+    token_server.wait_log(r"authentication on: 2 tokens from \S+tokens")
+    on_auth_server.wait_log(r"authentication on: @handlers\.on_auth")
+    for server in (tls_server, mtls_server, token_server, on_auth_server):
+        assert "without TLS or authentication" not in server.log()  # (bound to 127.0.0.1 anyway)
+
+
 def test_check_validates_the_files_one_line_per_problem(pki, tmp_path):
     missing = str(tmp_path / "missing.pem")
     bad_tokens = _write(tmp_path / "bad-tokens", b"alice:\n")
