@@ -266,7 +266,7 @@ class Gatekeeper:
         conn.handshaking = False
         conn.handshake_timer.cancel()
         conn.handshake_timer = None
-        if self.settings.ca_certs and not self.auth_required:
+        if self.settings.ca_certs:  # (authentication, if on, replaces it; on_auth sees it)
             from .tls import peer_common_name
 
             conn.identity = peer_common_name(conn.sock.ssl)

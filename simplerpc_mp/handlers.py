@@ -95,7 +95,8 @@ class Handlers:
         """``fn(conn, data)`` decides a connection's ``auth{...}`` frame, in a worker: it returns
         the identity (a JSON value, then ``conn.identity``) or raises a ``SimpleRPCException``
         subclass, whose name is the FAIL reason before the connection is closed. Registering
-        it turns authentication on, with or without ``auth_tokens_file``."""
+        it turns authentication on, with or without ``auth_tokens_file``. Its ``conn.identity``
+        is the client certificate's commonName with mutual TLS, else None."""
         self.auth_fn = _checked(fn)
         return fn
 

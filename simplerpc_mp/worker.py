@@ -259,7 +259,8 @@ class Worker:
                 self.finished(job_id, 0, 0, b"", pushes, self.session_change(kind, session, session_blob))
                 continue
             if kind == ipc.AUTH:  # pushes of on_auth are dropped: nothing reaches an unauthenticated client
-                self.finished(job_id, 0, 1, self.run_auth(Conn(net_id, {}, [], identity=None), payload), (), ipc.UNCHANGED)
+                answer = self.run_auth(Conn(net_id, {}, [], identity=identity), payload)
+                self.finished(job_id, 0, 1, answer, (), ipc.UNCHANGED)
                 continue
             conn = Conn(net_id, session, pushes, read_only=kind == ipc.CONCURRENT, push_limit=self.push_limit,
                         identity=identity)

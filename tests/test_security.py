@@ -369,6 +369,15 @@ def test_on_auth_accepts_and_its_identity_reaches_handlers(on_auth_server):
     assert welcomes == [{"net_id": welcomes[0]["net_id"], "identity": {"user": "alice", "role": "admin"}}]
 
 
+def test_on_auth_sees_the_client_certificate_name_with_mutual_tls(fresh_servers, pki):
+    server = fresh_servers.start("--handlers", "tests.handlers.sec_auth", "--certfile", pki.cert, "--keyfile", pki.key,
+                                 "--ca-certs", pki.ca)
+    with Client(server.host, server.port, ssl=context(pki, client=(pki.alice_cert, pki.alice_key))) as client:
+        answer = client.call("auth", {"user": "bob", "password": "builder"})
+        assert answer == {"identity": {"user": "bob", "role": "user", "cert": "alice"}}
+        assert client.call("whoami") == answer  # on_auth's value replaces the certificate's name
+
+
 def test_on_auth_refuses_with_its_own_reason_then_closes(on_auth_server):
     leaks = []
     with Client(on_auth_server.host, on_auth_server.port) as client:

@@ -19,4 +19,7 @@ def check_password(conn, data):
     if USERS.get(user) != data.get("password"):
         conn.rpc("leak", {"should": "never arrive"})  # pushes from on_auth are dropped
         raise BadPassword(f"no such user or wrong password for {user!r}")
-    return {"user": user, "role": "admin" if user == "alice" else "user"}
+    identity = {"user": user, "role": "admin" if user == "alice" else "user"}
+    if conn.identity is not None:  # mutual TLS: the client certificate's commonName
+        identity["cert"] = conn.identity
+    return identity
