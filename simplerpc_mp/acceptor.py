@@ -27,6 +27,9 @@ Theory of operation:
    leaves and room pushes as actions among their pushes; ``on_reply`` applies them in order before
    the answer. A room push is one frame, encoded by the worker, appended to every member's output
    (``push_room``). A connection leaves every room as it closes, before ``on_disconnect`` is queued.
+7. With TLS or authentication on, a new connection is first *gated* (``gate.py``): it finishes its
+   TLS handshake and authenticates before it joins ``conns`` and may run a handler. Over TLS the
+   socket is a ``tls.TLSStream`` with the plain socket's contract, so everything above is the same.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from collections import deque
 
 from . import ipc
 from .counters import Counters, OpStats
+from . import auth
 from .errors import FrameTooLarge, ShuttingDown, TooManyConnections
 from .handlers import BROADCAST, JOIN, LEAVE, ROOM_PUSH
 from .logs import RateLimitedLog
@@ -70,6 +74,7 @@ _SCAN_WHOLE_CHUNK_BYTES = 4096  # see Acceptor._has_concurrent
 
 _FRAME_TOO_LARGE = FrameTooLarge.__name__
 _SHUTTING_DOWN = ShuttingDown.__name__
+_AUTH = ipc.AUTH
 
 
 class Listener:
@@ -139,7 +144,7 @@ class Connection:
         "net_id", "sock", "peer", "decoder", "queue", "running", "serial_running",
         "next_seq", "write_seq", "done", "session", "wbuf", "state", "events",
         "last_active", "soft_since", "disconnect_queued", "runnable", "scheduled", "ns_per_line",
-        "session_version", "request_bytes", "done_bytes", "paused",
+        "session_version", "request_bytes", "done_bytes", "paused", "gate", "identity",
     )
 
     def __init__(self, net_id: int, sock: socket.socket, peer, max_frame_bytes: int, now: float):
@@ -167,13 +172,18 @@ class Connection:
         self.request_bytes = 0  # payloads of its jobs not done yet, plus the decoder's partial line
         self.done_bytes = 0  # answers in ``done``
         self.paused = False  # not read: it held the most when max_total_request_bytes was passed
+        self.gate: auth.Gate | None = None  # until it has authenticated (auth on): see _gate_input
+        self.identity = None  # what handlers see as conn.identity
 
     @property
     def unanswered(self) -> int:
         return self.next_seq - self.write_seq
 
 
-class Acceptor:
+# The TLS and authentication half of the Acceptor (gate.py) uses the names above.
+from .gate import Gatekeeper  # noqa: E402
+
+class Acceptor(Gatekeeper):
     def __init__(self, settings, selector: selectors.BaseSelector, timers):
         self.settings = settings
         self.selector = selector
@@ -208,7 +218,21 @@ class Acceptor:
         self.partial_reader: Connection | None = None  # see _may_read_alone
         # Room membership (rooms.py): joins, leaves and room pushes come as actions with pushes.
         self.rooms = Rooms(settings.max_rooms_per_connection)
+        # Connections not admitted yet (TLS handshake or authentication under way): they count
+        # against max_connections but are no push target, run no handler and are not idle-swept.
+        self.gated: dict[int, Connection] = {}
+        # Connections to read without waiting for the selector: bytes already out of their
+        # socket (a TLS layer's decrypted bytes, input held while authenticating).
+        self.read_ready: list[Connection] = []
+        self.tls_context = None  # ssl.SSLContext when certfile is set
+        self._tls_connection = None  # tls.TLSConnection, imported only when TLS is on
+        self.tokens: auth.Tokens | None = None
+        self.has_auth_fn = False  # a worker's @handlers.on_auth
+        self.auth_failures = 0
+        self.tls_failures = 0  # handshakes failed or timed out
+        self._security_logged = False  # _log_security ran
         self.apply_settings(settings)
+        self.load_security(settings)
 
     def apply_settings(self, settings) -> None:
         """Take new limits (at start, and on reload); new connections get the new frame limit."""
@@ -243,6 +267,7 @@ class Acceptor:
         self.has_connect = info["connect"]
         self.has_disconnect = info["disconnect"]
         self.counters.set_ops(info.get("ops", ()))
+        self.has_auth_fn = info.get("auth", False)
 
     # -- listening --------------------------------------------------------------------------
 
@@ -256,6 +281,7 @@ class Acceptor:
         if self.accepting:
             return
         self.accepting = True
+        self._log_security()
         for listener in self.listeners:
             self.selector.register(listener.sock, READ, listener)
         if self.settings.idle_timeout > 0:
@@ -291,7 +317,7 @@ class Acceptor:
             if self.out_of_descriptors:
                 self.out_of_descriptors = False
                 log.info("accepting connections again")
-            if len(self.conns) >= self.settings.max_connections:
+            if len(self.conns) + len(self.gated) >= self.settings.max_connections:
                 self._refuse(sock, peer)
                 continue
             self.add_connection(sock, peer)
@@ -302,11 +328,12 @@ class Acceptor:
             log, "refused", logging.WARNING, "refused connection from %s: max_connections (%d) reached",
             peer, self.settings.max_connections,
         )
-        try:
-            sock.setblocking(False)
-            sock.send(encode_fail(TooManyConnections.__name__, f"server holds max_connections={self.settings.max_connections}"))
-        except OSError:
-            pass
+        if self.tls_context is None:  # (a TLS client could not read a plain-text FAIL: just close)
+            try:
+                sock.setblocking(False)
+                sock.send(encode_fail(TooManyConnections.__name__, f"server holds max_connections={self.settings.max_connections}"))
+            except OSError:
+                pass
         sock.close()
 
     def _pause_accepting(self, exc: OSError) -> None:
@@ -330,7 +357,13 @@ class Acceptor:
         net_id = self.next_net_id
         self.next_net_id += 1
         self.accepted_total += 1
+        if self.tls_context is not None:
+            return self._add_tls_connection(net_id, sock, peer)
         conn = Connection(net_id, sock, peer, self.settings.max_frame_bytes, self.now)
+        if self.auth_required:
+            self.selector.register(sock, READ, conn)
+            self._gate(conn)
+            return conn
         self.conns[net_id] = conn
         self.selector.register(sock, READ, conn)
         log.debug("net_id %s connected from %s", net_id, peer)
@@ -343,6 +376,9 @@ class Acceptor:
 
     def on_read(self, conn: Connection) -> None:
         if conn.state != OPEN:
+            return
+        if conn.gate is not None:  # not authenticated yet: small reads, to the gate, never the decoder
+            self._read_gated(conn)
             return
         size = RECV_BYTES
         if self.request_bytes > self.max_total_request:
@@ -520,7 +556,7 @@ class Acceptor:
         conn.paused = False
         self.paused.discard(conn)
         if conn.state == OPEN and not conn.events & READ and self.reading and conn.unanswered < self.max_inflight:
-            self._set_events(conn, conn.events | READ)
+            self._read_again(conn)
 
     def _resume_all(self) -> None:
         log.debug("requests held by all connections under %d bytes: reading every connection again", self.request_resume_at)
@@ -604,11 +640,17 @@ class Acceptor:
             conn.session = session
             conn.session_version += 1
         if count:
+            if job.kind == _AUTH:
+                self._auth_answer(conn, answers)
+                return
             self.counters.reply(job, first, count, answers, self.now)
             self.complete(conn, job.first + first, answers, count)
 
     def fail_lines(self, job: Job, start: int, end: int, reason: str, message: str) -> None:
         if end > start:
+            if job.kind == ipc.AUTH:
+                self._auth_answer(job.conn, encode_fail(reason, message))
+                return
             self.counters.fail(job, start, end, reason, self.now)
             self.complete(job.conn, job.first + start, encode_fail(reason, message) * (end - start), end - start)
 
@@ -635,7 +677,7 @@ class Acceptor:
         conn.write_seq = seq
         conn.last_active = self.now  # idle time counts from our answer, not from the request
         if conn.state == OPEN and not conn.events & READ and self.reading and conn.unanswered < self.max_inflight and not conn.paused:
-            self._set_events(conn, conn.events | READ)
+            self._read_again(conn)
 
     def push(self, target: int, frame: bytes) -> None:
         if target == BROADCAST:
@@ -881,7 +923,8 @@ class Acceptor:
         else:
             log.log(level, "net_id %s closed: %s", conn.net_id, reason, extra=fields)
         conn.state = CLOSED
-        self.conns.pop(conn.net_id, None)
+        if self.conns.pop(conn.net_id, None) is None and self.gated.pop(conn.net_id, None) is not None:
+            self._close_gated(conn)
         self.rooms.leave_all(conn.net_id)  # before on_disconnect runs (queued by advance below)
         try:
             self.selector.unregister(conn.sock)
@@ -957,7 +1000,7 @@ class Acceptor:
         return count
 
     def close_all(self, reason: str) -> None:
-        for conn in list(self.conns.values()):
+        for conn in [*self.conns.values(), *self.gated.values()]:
             self.close(conn, reason, counted_as="server_stopping")
 
 

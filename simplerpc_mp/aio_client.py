@@ -4,6 +4,10 @@
         client.on("welcome", print)
         answer = await client.call("echo", {"x": 1})
 
+``ssl`` (an ``ssl.SSLContext``, or True for the default verifying context) connects over TLS;
+``token`` sends ``auth{"token": ...}`` first, and ``connect()`` raises ``RemoteError`` (reason
+``Unauthorized``) if the server refuses it.
+
 Answers are matched to calls first-in first-out (the protocol has no request ids), so many
 ``call()``s may be awaited at once on one connection: that is pipelining.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import ssl as _ssl
 from collections import deque
 from typing import Callable
 
@@ -33,9 +38,13 @@ log = logging.getLogger(__name__)
 
 
 class AsyncClient:
-    def __init__(self, host: str = "127.0.0.1", port: int = 30000, *, max_frame_bytes: int = 64 * DEFAULT_MAX_FRAME_BYTES):
+    def __init__(self, host: str = "127.0.0.1", port: int = 30000, *, max_frame_bytes: int = 64 * DEFAULT_MAX_FRAME_BYTES,
+                 ssl: _ssl.SSLContext | bool | None = None, token: str | None = None):
         self.host = host
         self.port = port
+        self.ssl_context = _ssl.create_default_context() if ssl is True else (ssl or None)
+        self.token = token
+        self.identity = None  # what the server answered to our token
         self.max_frame_bytes = max_frame_bytes  # the longest line taken from the server
         self._decoder = FrameDecoder(max_frame_bytes)
         self._closed_reason: str | None = None  # set once the connection is closing or closed
@@ -48,8 +57,19 @@ class AsyncClient:
         self.closed = asyncio.Event()
 
     async def connect(self) -> "AsyncClient":
-        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        self._reader, self._writer = await asyncio.open_connection(
+            self.host, self.port, ssl=self.ssl_context,
+            server_hostname=self.host if self.ssl_context is not None else None,
+        )
         self._read_task = asyncio.create_task(self._read_loop())
+        if self.token is not None:
+            try:
+                answer = await self.call("auth", {"token": self.token})
+            except RemoteError as exc:
+                self._closed_reason = f"authentication refused: {exc}"
+                await self.close()
+                raise
+            self.identity = answer.get("identity")
         return self
 
     def on(self, op: str, fn: Callable) -> Callable:

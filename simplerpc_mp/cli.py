@@ -216,6 +216,11 @@ def check(config: Optional[str] = None, **values) -> None:
     if soft_limit_never_triggers(settings):
         typer.echo(f"# output_soft_limit ({settings.output_soft_limit}) >= output_hard_limit "
                    f"({settings.output_hard_limit}): the soft limit never triggers, the hard limit closes first")
+    errors = _check_security(settings)
+    if errors:
+        for error in errors:
+            typer.echo(f"simplerpc-mp: error: {error}", err=True)
+        raise typer.Exit(EXIT_CONFIG)
     problem = _listen_problem(settings.host, settings.port)
     if problem:
         # A warning, not an error: the server these settings are for may be the one holding the port.
@@ -268,6 +273,42 @@ def _check_cluster(settings: Settings) -> None:
     if name and held == 1:
         _warn(f"cluster: node_name {name!r} is held by a node (serve would exit 2 if that node is alive, "
               "unless it is this one)")
+
+
+def _check_security(settings: Settings) -> list[str]:
+    """Load the TLS files and the tokens file as the server would: print a line about each, warn
+    about secrets other users can read, and return the errors (one line each; never a token)."""
+    from .auth import TokensFileError, load_tokens, world_readable
+    from .tls import TLSError, check_readable, server_context
+
+    errors = []
+    if settings.certfile:
+        for name in ("certfile", "keyfile", "ca_certs"):
+            try:
+                check_readable(name, getattr(settings, name))
+            except TLSError as exc:
+                errors.append(str(exc))
+        if not errors:
+            try:
+                server_context(settings.certfile, settings.keyfile, settings.ca_certs)
+            except TLSError as exc:
+                errors.append(str(exc))
+            else:
+                clients = f"client certificates signed by {settings.ca_certs} required" if settings.ca_certs else "no client certificates"
+                typer.echo(f"# tls: on, certificate {settings.certfile} ({clients})")
+        key = settings.keyfile or settings.certfile
+        if world_readable(key):
+            _warn(f"{'keyfile' if settings.keyfile else 'certfile (holding the key)'} {key} is readable by every user (chmod 600 it)")
+    if settings.auth_tokens_file:
+        try:
+            tokens = load_tokens(settings.auth_tokens_file)
+        except TokensFileError as exc:
+            errors.append(str(exc))
+        else:
+            typer.echo(f"# auth: {len(tokens)} tokens in {settings.auth_tokens_file}")
+        if world_readable(settings.auth_tokens_file):
+            _warn(f"auth_tokens_file {settings.auth_tokens_file} is readable by every user (chmod 600 it)")
+    return errors
 
 
 def _toml(value: Any) -> str:
@@ -344,6 +385,45 @@ def _try_import(spec: str, pipe) -> None:
     pipe.send(("", summary))
 
 
+# -- connecting: TLS and a token, for call and bench ------------------------------------------
+
+_TLS_HELP = "Connect over TLS (implied by --ca-certs and --certfile); the server's certificate is verified."
+_CA_HELP = "CA certificates (PEM) to verify the server with, instead of the system's."
+_CERT_HELP = "Client certificate (PEM), for a server that requires one (mutual TLS)."
+_KEY_HELP = "Private key (PEM) of --certfile, if not in that file."
+_TOKEN_HELP = "File whose first line is the token to authenticate with (never on the command line: ps shows it)."
+
+
+def _client_security(tls: bool, ca_certs: Optional[str], certfile: Optional[str], keyfile: Optional[str],
+                     token_file: Optional[str]):
+    """``(ssl_context or None, token or None)`` from the options; bad files exit 2 with one line."""
+    import ssl
+
+    from .tls import client_context
+
+    context = None
+    if keyfile and not certfile:
+        _fail("--keyfile needs --certfile", EXIT_CONFIG)
+    if tls or ca_certs or certfile:
+        try:
+            context = client_context(ca_certs or "", certfile or "", keyfile or "")
+        except FileNotFoundError as exc:
+            _fail(f"{exc.filename or ca_certs}: no such file", EXIT_CONFIG)
+        except (ssl.SSLError, OSError) as exc:
+            _fail(f"TLS options: {getattr(exc, 'reason', None) or exc.strerror or exc}", EXIT_CONFIG)
+    token = None
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        except (OSError, UnicodeDecodeError) as exc:
+            _fail(f"--token-file {token_file}: cannot read: {getattr(exc, 'strerror', None) or exc}", EXIT_CONFIG)
+        if not lines:
+            _fail(f"--token-file {token_file}: no token in it", EXIT_CONFIG)
+        token = lines[0]
+    return context, token
+
+
 # -- call --------------------------------------------------------------------------------------
 
 def _address(address: str) -> tuple[str, int]:
@@ -370,6 +450,11 @@ def call(
     data: str = typer.Argument("{}", help="A JSON object, or - to read it from standard input."),
     timeout: float = typer.Option(10.0, "--timeout", min=0.0, help="Seconds to wait for the connection and for the answer (0 = forever)."),
     pushes: bool = typer.Option(False, "--pushes", help='Also print each push received before the answer: {"push": OP, "data": {...}}.'),
+    tls: bool = typer.Option(False, "--tls", help=_TLS_HELP),
+    ca_certs: Optional[str] = typer.Option(None, "--ca-certs", metavar="FILE", help=_CA_HELP),
+    certfile: Optional[str] = typer.Option(None, "--certfile", metavar="FILE", help=_CERT_HELP),
+    keyfile: Optional[str] = typer.Option(None, "--keyfile", metavar="FILE", help=_KEY_HELP),
+    token_file: Optional[str] = typer.Option(None, "--token-file", metavar="FILE", help=_TOKEN_HELP),
 ) -> None:
     """Send one RPC and print its answer as JSON.
 
@@ -383,10 +468,14 @@ def call(
     payload = _json_object(sys.stdin.read() if data == "-" else data, "data")
     if not op or "{" in op or "\n" in op:
         _fail(f"invalid op name {op!r}: must be non-empty, without '{{' or newline", EXIT_CONFIG)
+    context, token = _client_security(tls, ca_certs, certfile, keyfile, token_file)
     try:
-        client = Client(host, port, connect_timeout=timeout or None)
-    except OSError as exc:
-        _fail(f"cannot connect to {address}: {exc.strerror or exc}", EXIT_NO_ANSWER)
+        client = Client(host, port, connect_timeout=timeout or None, ssl=context, token=token)
+    except RemoteError as exc:  # the token was refused
+        typer.echo(json.dumps({"FAIL": {"reason": exc.reason, "message": exc.message}}))
+        raise typer.Exit(EXIT_CALL_FAILED)
+    except (OSError, ConnectionError) as exc:
+        _fail(f"cannot connect to {address}: {getattr(exc, 'reason', None) or exc.strerror or exc}", EXIT_NO_ANSWER)
     with client:
         if pushes:
             client.handler = _PushPrinter(client.handler)
@@ -427,6 +516,11 @@ def bench(
         None, "--verify/--no-verify", show_default=False,
         help="Check that each OKAY equals the request (echo handlers); on by default for --op echo."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object, for scripts."),
+    tls: bool = typer.Option(False, "--tls", help=_TLS_HELP),
+    ca_certs: Optional[str] = typer.Option(None, "--ca-certs", metavar="FILE", help=_CA_HELP),
+    certfile: Optional[str] = typer.Option(None, "--certfile", metavar="FILE", help=_CERT_HELP),
+    keyfile: Optional[str] = typer.Option(None, "--keyfile", metavar="FILE", help=_KEY_HELP),
+    token_file: Optional[str] = typer.Option(None, "--token-file", metavar="FILE", help=_TOKEN_HELP),
 ) -> None:
     """Load a running server with pipelined RPCs and report throughput, latency and FAILs.
 
@@ -441,11 +535,13 @@ def bench(
         _fail('--data must not have a "seq" key: bench puts one in every RPC', EXIT_CONFIG)
     if verify is None:
         verify = op == "echo"
+    context, token = _client_security(tls, ca_certs, certfile, keyfile, token_file)
     live = _LiveLine(enabled=not as_json)
     try:
         with live:
             result = run_load(host, port, conns=conns, depth=depth, duration=duration, op=op, data=payload,
-                              check=check_echo if verify else None, warmup=warmup, progress=live.update)
+                              check=check_echo if verify else None, warmup=warmup, progress=live.update,
+                              ssl_context=context, token=token)
     except (OSError, ValueError) as exc:
         code = EXIT_CONFIG if isinstance(exc, ValueError) else EXIT_NO_ANSWER
         _fail(f"bench {address}: {getattr(exc, 'strerror', None) or exc}", code)

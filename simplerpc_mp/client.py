@@ -8,6 +8,11 @@ incoming frame is a push from the server, delivered to the callbacks registered 
         client.on("welcome", lambda data: print(data["msg"]))
         print(client.call("echo", {"x": 1}))        # {'x': 1}, or raises RemoteError
 
+``ssl`` (an ``ssl.SSLContext``, or True for the default verifying context) connects over TLS;
+``token`` sends ``auth{"token": ...}`` first and raises ``RemoteError`` (reason
+``Unauthorized``) if the server refuses it. A TLS socket is drained on each read: bytes it has
+decrypted are not seen by the selector (``SSLSocket.pending()``).
+
 Keeping that FIFO in step is the whole contract: an RPC takes its slot in ``_waiting`` in the
 same step that queues its encoded frame in ``_out``, after the frame was encoded, and every
 slot is given exactly one answer line, in order. A call that gives up (timeout, an interrupt,
@@ -24,6 +29,7 @@ from __future__ import annotations
 import logging
 import selectors
 import socket
+import ssl as _ssl
 import time
 from collections import deque
 from typing import Callable
@@ -89,9 +95,13 @@ class _End:
 class Client:
     def __init__(self, host: str = "127.0.0.1", port: int = 30000, handler: ClientHandler | None = None, *,
                  connect: bool = True, connect_timeout: float | None = 10.0,
-                 max_frame_bytes: int = 64 * DEFAULT_MAX_FRAME_BYTES):
+                 max_frame_bytes: int = 64 * DEFAULT_MAX_FRAME_BYTES,
+                 ssl: _ssl.SSLContext | bool | None = None, token: str | None = None):
         self.host = host
         self.port = port
+        self.ssl_context = _ssl.create_default_context() if ssl is True else (ssl or None)
+        self.token = token
+        self.identity = None  # what the server answered to our token
         self.handler = handler if handler is not None else ClientHandler()
         self.sock: socket.socket | None = None
         self.connect_timeout = connect_timeout
@@ -128,12 +138,29 @@ class Client:
     def _open(self) -> None:
         sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            try:  # the handshake, blocking up to connect_timeout
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+            except BaseException:
+                sock.close()
+                raise
         sock.setblocking(False)
         self.sock = sock
         self._selector.register(sock, selectors.EVENT_READ)
         self._events = selectors.EVENT_READ
         self._ended = False
         self.connected = True
+        if self.token is not None:
+            self._authenticate()
+
+    def _authenticate(self) -> None:
+        """The auth frame first; a refusal closes the connection (the server closes its side too)."""
+        try:
+            answer = self.call("auth", {"token": self.token}, timeout=self.connect_timeout)
+        except RemoteError as exc:
+            self._shut(f"authentication refused: {exc}")
+            raise
+        self.identity = answer.get("identity")
 
     def on(self, op: str, fn: Callable) -> Callable:
         """Call ``fn(data)`` for every push of ``op`` from the server."""
@@ -265,7 +292,7 @@ class Client:
             view = self._out[0]
             try:
                 sent = self.sock.send(view)
-            except BlockingIOError:
+            except (BlockingIOError, _ssl.SSLWantWriteError, _ssl.SSLWantReadError):
                 return
             except OSError as exc:  # reset or broken pipe: the server has gone
                 self._end_input(_End(f"connection lost while sending: {exc}"))
@@ -280,8 +307,12 @@ class Client:
             return
         try:
             data = self.sock.recv(65536)
-        except BlockingIOError:
+            if data and self.ssl_context is not None:
+                data += _drain_tls(self.sock)
+        except (BlockingIOError, _ssl.SSLWantReadError, _ssl.SSLWantWriteError):
             return
+        except (_ssl.SSLZeroReturnError, _ssl.SSLEOFError):
+            data = b""
         except OSError as exc:  # a reset
             self._end_input(_End(f"connection lost: {exc}"))
             return
@@ -369,3 +400,14 @@ class Client:
 
 def _nop(*args) -> None:
     pass
+
+
+def _drain_tls(sock: _ssl.SSLSocket) -> bytes:
+    """What the TLS layer already decrypted (after one recv): no selector event announces it."""
+    parts = []
+    while sock.pending():
+        try:
+            parts.append(sock.recv(65536))
+        except (_ssl.SSLWantReadError, _ssl.SSLWantWriteError):
+            break
+    return b"".join(parts)

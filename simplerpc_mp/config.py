@@ -183,6 +183,13 @@ SETTINGS: tuple[Setting, ...] = (
     _s("max_rooms_per_connection", int, 1000, "Rooms one connection may be in; a join past it raises TooManyRooms in the handler (FAIL TooManyRooms unless caught).", "limits", minimum=1),
     _s("max_total_request_bytes", int, 192 * MiB, "Request bytes all connections together may hold (queued, running, partial lines); past it those holding the most are not read until under 3/4 of it.", "limits", minimum=1024),
     _s("max_total_output_bytes", int, 384 * MiB, "Unsent output all connections together may hold; past it those holding the most are closed, largest first.", "limits", minimum=1024),
+    # -- security
+    _s("certfile", str, "", "TLS certificate chain file (PEM); TLS is on when set (TLS 1.2 minimum).", "security"),
+    _s("keyfile", str, "", "Private key file (PEM) of certfile; empty when certfile holds the key too.", "security"),
+    _s("ca_certs", str, "", "CA certificates (PEM) that must have signed every client's certificate (mutual TLS); empty = no client certificates.", "security"),
+    _s("tls_handshake_timeout", float, 10.0, "Seconds a client has to finish the TLS handshake before it is closed.", "security", minimum=0.001, maximum=MAX_DURATION_S),
+    _s("auth_tokens_file", str, "", "File of accepted tokens, one per line (name:token or a bare token; # comments); the first frame must then be auth{\"token\": ...}. Re-read on SIGHUP.", "security"),
+    _s("auth_timeout", float, 10.0, "Seconds a connection may take to authenticate before it is closed.", "security", minimum=0.001, maximum=MAX_DURATION_S),
     # -- cluster
     _s("cluster", str, "", "Redis URL (redis://[user:password@]host[:port][/db], rediss:// for TLS) joining this server to a cluster of servers that push to each other's clients; empty = a single server.", "cluster"),
     _s("node_name", str, "", "This node's name in the cluster, unique among live nodes; empty = <hostname>:<port>.", "cluster"),
@@ -250,6 +257,11 @@ def _check_together(values: Mapping[str, Any], sources: Mapping[str, str]) -> No
     limit closes the connection first, so the soft one never triggers (Redis's semantics), and a
     user lowering the hard limit need not know the soft one. ``soft_limit_never_triggers`` says so.
     """
+    for name in ("keyfile", "ca_certs"):
+        if values.get(name) and not values.get("certfile"):
+            raise ConfigError(
+                f"{where_from(sources.get(name, ''), name)}: {name} is set but certfile is not (TLS is on only with certfile)"
+            )
 
 
 def soft_limit_never_triggers(settings: "Settings") -> bool:

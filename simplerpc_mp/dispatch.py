@@ -186,7 +186,8 @@ class Dispatch:
             room_set = None
             if in_rooms or job.kind == ipc.DISCONNECT:
                 room_set = self._rooms_for(worker, job, rooms.shipped(net_id))
-            items.append((job.job_id, job.kind, net_id, job.payload, session, room_set))
+            items.append((job.job_id, job.kind, net_id, job.payload, session, room_set,
+                          job.conn.identity))
         self.next_job_id = job_id
         worker.jobs.extend(batch)
         worker.batches.append(job_id - 1)

@@ -16,6 +16,7 @@ __all__ = [
     "UnknownOpcode",
     "FrameTooLarge",
     "TooManyConnections",
+    "Unauthorized",
     "WorkerCrashed",
     "Timeout",
     "ShuttingDown",
@@ -78,6 +79,10 @@ class FrameTooLarge(SimpleRPCException):
 
 class TooManyConnections(SimpleRPCException):
     """The server already holds ``max_connections`` connections."""
+
+
+class Unauthorized(SimpleRPCException):
+    """The connection has not authenticated (a frame before ``auth``, or a refused token); it is closed."""
 
 
 # Server faults: the client did nothing wrong.

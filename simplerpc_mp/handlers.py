@@ -60,6 +60,7 @@ class Handlers:
         self.any_fn: Callable | None = None
         self.connect_fn: Callable | None = None
         self.disconnect_fn: Callable | None = None
+        self.auth_fn: Callable | None = None
         self.start_fns: list[Callable] = []
 
     def on(self, op: str, fn: Callable | None = None, *, concurrent: bool = False, timeout: float | None = None):
@@ -100,6 +101,15 @@ class Handlers:
         self.disconnect_fn = _checked(fn)
         return fn
 
+    def on_auth(self, fn: Callable) -> Callable:
+        """``fn(conn, data)`` decides a connection's ``auth{...}`` frame, in a worker: it returns
+        the identity (a JSON value, then ``conn.identity``) or raises a ``SimpleRPCException``
+        subclass, whose name is the FAIL reason before the connection is closed. Registering
+        it turns authentication on, with or without ``auth_tokens_file``. Its ``conn.identity``
+        is the client certificate's commonName with mutual TLS, else None."""
+        self.auth_fn = _checked(fn)
+        return fn
+
     def on_start(self, fn: Callable) -> Callable:
         """``fn(options)`` runs once in each worker after it boots; ``options`` is a dict."""
         self.start_fns.append(_checked(fn))
@@ -108,7 +118,7 @@ class Handlers:
     def merge(self, other: "Handlers") -> "Handlers":
         """Add every registration of ``other`` to this registry; returns self."""
         self.ops.update(other.ops)
-        for name in ("any_fn", "connect_fn", "disconnect_fn"):
+        for name in ("any_fn", "connect_fn", "disconnect_fn", "auth_fn"):
             if getattr(other, name) is not None:
                 setattr(self, name, getattr(other, name))
         self.start_fns.extend(other.start_fns)
@@ -122,6 +132,7 @@ class Handlers:
             "timeouts": {op: entry.timeout for op, entry in self.ops.items() if entry.timeout is not None},
             "connect": self.connect_fn is not None,
             "disconnect": self.disconnect_fn is not None,
+            "auth": self.auth_fn is not None,
         }
 
     # The seed's MessageHandler was itself the generic handler: handler(conn, op, data).
@@ -165,17 +176,21 @@ class PushLimit:
 class Conn:
     """What a handler gets as ``conn``: identity, session, rooms, and the ways to push RPCs.
 
+    ``identity`` is who authenticated: the token's name, what ``on_auth`` returned, or with
+    mutual TLS and no authentication the client certificate's subject commonName; else None.
+
     A push is encoded here, when the handler makes it: data JSON cannot encode raises (the RPC
     fails ``Unknown``, and the error names the push), and a frame longer than ``push_limit``
     allows is dropped, logged and counted; the RPC goes on, since the answer is still small.
     """
 
-    __slots__ = ("net_id", "session", "okay_data", "pushes", "push_limit", "_rooms", "max_rooms")
+    __slots__ = ("net_id", "session", "okay_data", "pushes", "push_limit", "_rooms", "max_rooms", "identity")
 
     def __init__(self, net_id: int, session: dict, pushes: list, read_only: bool = False,
                  push_limit: PushLimit | None = None, rooms: frozenset | None = None,
-                 max_rooms: int = DEFAULT_MAX_ROOMS):
+                 max_rooms: int = DEFAULT_MAX_ROOMS, identity: Any = None):
         self.net_id = net_id
+        self.identity = identity
         self.session = _ReadOnlySession(session) if read_only else session
         self.okay_data: dict | None = None
         # (target net_id or BROADCAST, encoded frame) and room actions, sent with the answer

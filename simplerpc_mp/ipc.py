@@ -8,7 +8,7 @@ crosses between processes of one server, never from clients.
 
 acceptor -> worker::
 
-    (BATCH, [job, ...])   job = (job_id, kind, net_id, payload, session, rooms)
+    (BATCH, [job, ...])   job = (job_id, kind, net_id, payload, session, rooms, identity)
     (STOP,)               finish what you have, then exit 0
 
 worker -> acceptor::
@@ -63,7 +63,7 @@ from collections import OrderedDict
 
 __all__ = [
     "BATCH", "STOP", "HELLO", "BOOT_ERROR", "REPLY", "GIVE_BACK",
-    "SERIAL", "CONCURRENT", "CONNECT", "DISCONNECT", "UNCHANGED", "HELD", "SessionCache",
+    "SERIAL", "CONCURRENT", "CONNECT", "DISCONNECT", "AUTH", "UNCHANGED", "HELD", "SessionCache",
     "RecordReader", "frame_record", "pack", "unpack",
     "EXIT_BOOT_ERROR", "BOARD_SLOTS", "board_view", "JOURNAL_BYTES", "Journal", "read_journal",
 ]
@@ -71,7 +71,7 @@ __all__ = [
 # message tags
 BATCH, STOP, HELLO, BOOT_ERROR, REPLY, GIVE_BACK = range(6)
 # job kinds
-SERIAL, CONCURRENT, CONNECT, DISCONNECT = range(4)
+SERIAL, CONCURRENT, CONNECT, DISCONNECT, AUTH = range(5)  # AUTH: the auth frame, for @handlers.on_auth
 UNCHANGED = False
 HELD = True  # a job's session: the one this worker was last sent for the net_id (see above)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import selectors
 import socket
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -81,10 +82,16 @@ def check_echo(request: dict, answer: dict) -> bool:
 
 
 class _Conn:
-    __slots__ = ("sock", "seq", "pending", "partial", "closed", "measured_from")
+    __slots__ = ("sock", "seq", "pending", "partial", "closed", "measured_from", "recv", "send", "tls_pending")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        # Over TLS, the C-level SSL object's methods: SSLSocket.recv/send add two Python calls
+        # each, and the generator must cost far less per RPC than the server it measures.
+        sslobj = getattr(sock, "_sslobj", None)
+        self.recv = sslobj.read if sslobj is not None else sock.recv
+        self.send = sslobj.write if sslobj is not None else sock.send
+        self.tls_pending = sslobj.pending if sslobj is not None else None
         self.seq = 0
         # (seq, sent_at, request line), oldest first; for check_echo the expected answer line
         self.pending: deque = deque()
@@ -93,18 +100,46 @@ class _Conn:
         self.measured_from = _NEVER  # first seq of the measured run (set when it starts)
 
 
-def _connect(host: str, port: int, count: int, deadline: float) -> list[socket.socket]:
+# A TLS socket's "not now": SSLSocket raises these instead of BlockingIOError.
+_NOT_NOW = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def _connect(host: str, port: int, count: int, deadline: float, ssl_context=None, token=None) -> list[socket.socket]:
+    """``count`` connections; with ``ssl_context`` over TLS (handshake done), with ``token``
+    authenticated (``ConnectionError`` if refused)."""
     socks = []
+    auth_frame = b'auth{"token":' + _dumps(token).encode() + b"}\n" if token is not None else b""
     try:
         for _ in range(count):
             sock = socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic()))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                if ssl_context is not None:
+                    sock = ssl_context.wrap_socket(sock, server_hostname=host)
+                if auth_frame:
+                    _authenticate(sock, auth_frame)
+            except BaseException:
+                sock.close()
+                raise
             sock.setblocking(False)
             socks.append(sock)
     except BaseException:
         close_all(socks)
         raise
     return socks
+
+
+def _authenticate(sock: socket.socket, auth_frame: bytes) -> None:
+    """Send the auth frame and read its answer (blocking): ``ConnectionError`` if refused."""
+    sock.sendall(auth_frame)
+    answer = b""
+    while not answer.endswith(_NL):
+        more = sock.recv(RECV_BYTES)
+        if not more:
+            raise ConnectionError("the server closed the connection during authentication")
+        answer += more
+    if not answer.startswith(_OKAY):
+        raise ConnectionError(f"authentication refused: {_fail_reason(answer[4:])}")
 
 
 def close_all(socks) -> None:
@@ -117,7 +152,7 @@ def close_all(socks) -> None:
 
 def run_load(host: str, port: int, *, conns: int = 16, depth: int = 8, duration: float = 10.0,
              op: str = "echo", data: dict | None = None, check=None, warmup: float = 0.0,
-             progress=None) -> LoadResult:
+             progress=None, ssl_context=None, token=None) -> LoadResult:
     """Keep ``depth`` RPCs in flight on each of ``conns`` connections for ``duration`` seconds.
 
     After ``warmup`` seconds (whose answers are checked but not counted) the measured run starts;
@@ -142,7 +177,8 @@ def run_load(host: str, port: int, *, conns: int = 16, depth: int = 8, duration:
     measuring = warmup <= 0
     clock = time.perf_counter
     deadline_connect = time.monotonic() + CONNECT_TIMEOUT_S
-    socks = _connect(host, port, conns, deadline_connect)
+    socks = _connect(host, port, conns, deadline_connect, ssl_context, token)
+    tls = ssl_context is not None
     selector = selectors.DefaultSelector()
     connections = [_Conn(sock) for sock in socks]
     for conn in connections:
@@ -165,7 +201,7 @@ def run_load(host: str, port: int, *, conns: int = 16, depth: int = 8, duration:
             for n, line in enumerate(lines, seq):
                 pending.append((n, now, line))
         conn.seq = seq + count
-        _send_all(conn.sock, b"".join(lines))
+        _send_all(conn.sock, b"".join(lines), conn.send)
         if measuring:
             result.sent += count
 
@@ -218,8 +254,11 @@ def run_load(host: str, port: int, *, conns: int = 16, depth: int = 8, duration:
 
     def read(conn: _Conn, refill: bool) -> None:
         try:
-            chunk = conn.sock.recv(RECV_BYTES)
-        except BlockingIOError:
+            chunk = conn.recv(RECV_BYTES)
+            if tls and chunk:
+                while conn.tls_pending():  # decrypted already: no selector event would announce it
+                    chunk += conn.recv(RECV_BYTES)
+        except _NOT_NOW:
             return
         except OSError:
             chunk = b""
@@ -286,15 +325,16 @@ def run_load(host: str, port: int, *, conns: int = 16, depth: int = 8, duration:
     return result
 
 
-def _send_all(sock: socket.socket, data: bytes) -> None:
+def _send_all(sock: socket.socket, data: bytes, send=None) -> None:
     """Send it all before going on, so requests leave in order. Only big payloads ever wait here;
     the server keeps reading while we do (it reads a connection until ``max_inflight``)."""
     view = memoryview(data)
     deadline = 0.0
+    send = send or sock.send
     while view:
         try:
-            sent = sock.send(view)
-        except BlockingIOError:
+            sent = send(view)
+        except _NOT_NOW:
             sent = 0
         except OSError:
             return  # the read side will see the connection go

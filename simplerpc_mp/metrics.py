@@ -92,6 +92,8 @@ class Collector:
         yield duration
 
         yield GaugeMetricFamily("simplerpc_connections", "Open client connections.", value=snap["connections"])
+        yield GaugeMetricFamily("simplerpc_connections_gated", "Connections in their TLS handshake or authentication.",
+                                value=snap["connections_gated"])
         yield CounterMetricFamily("simplerpc_connections_accepted_total", "Client connections accepted.",
                                   value=snap["connections_accepted_total"])
         closed = CounterMetricFamily("simplerpc_connections_closed_total", "Client connections closed, by reason.",

@@ -27,6 +27,7 @@ import threading
 import time
 
 from .acceptor import CLOSED, Acceptor, Connection, Listener
+from .auth import TokensFileError
 from .config import ConfigError, Settings
 from .handlers import Handlers
 from .logs import configure_logging
@@ -35,6 +36,7 @@ from .supervisor import (
     EXIT_UNGUARDED_MAIN, SPAWN_RESERVE_FDS, FatalError, Pool, Sentinel, UnguardedMainError, WorkerHandle,
 )
 from .timers import Timers
+from .tls import TLSError
 
 log = logging.getLogger("simplerpc_mp.server")
 
@@ -137,7 +139,10 @@ class Server:
         if self.address is None:
             self._selector = selectors.DefaultSelector()
             self.timers = Timers()
-            self.acceptor = Acceptor(self.settings, self._selector, self.timers)
+            try:
+                self.acceptor = Acceptor(self.settings, self._selector, self.timers)
+            except (TLSError, TokensFileError) as exc:
+                raise ServerError(str(exc), EXIT_CONFIG) from None
             try:
                 self.address = self.acceptor.listen(self.settings.host, self.settings.port)
             except OSError as exc:
@@ -309,7 +314,8 @@ class Server:
         monotonic = time.monotonic
         while not self._done:
             now = monotonic()
-            events = selector.select(timers.timeout(now))
+            # Connections with bytes already out of their socket (TLS) are read without waiting.
+            events = selector.select(0 if acceptor.read_ready else timers.timeout(now))
             acceptor.now = monotonic()
             for key, mask in events:
                 data = key.data
@@ -332,6 +338,8 @@ class Server:
                     self._read_signals()
                 else:  # any other descriptor (control socket, metrics, broker): its own handler
                     data.on_event(mask)
+            if acceptor.read_ready:
+                acceptor.serve_read_ready()
             timers.run_due(monotonic())
             pool.dispatch()
             acceptor.flush()
@@ -404,6 +412,7 @@ class Server:
             return
         if self.settings_loader is not None:
             self._reload_settings()
+        self.acceptor.reload_security()
         self.pool.reload()
 
     def _reload_settings(self) -> None:

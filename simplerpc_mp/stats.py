@@ -159,6 +159,7 @@ def build_snapshot(server, sampler: ProcessSampler, providers: dict | None = Non
         "uptime_s": round(time.monotonic() - server.started_at, 3),
         "address": list(server.address) if server.address else None,
         "connections": len(conns),
+        "connections_gated": len(getattr(acceptor, "gated", ())),  # in their TLS handshake or auth
         "connections_accepted_total": acceptor.accepted_total,
         "inflight": inflight,
         "rpcs_total": sum(op["count"] for op in ops.values()),

@@ -253,13 +253,13 @@ class Worker:
                     session = held.take(job[2], job[1], session)
                 if rooms is not None or disconnect:
                     rooms = held_rooms.take(job[2], job[1], rooms)
-                jobs[index] = (job[0], job[1], job[2], job[3], session, rooms)
+                jobs[index] = (job[0], job[1], job[2], job[3], session, rooms, job[6])
         return jobs
 
     def run_batch(self, jobs: list) -> None:
         board = self.board
         clock = time.monotonic_ns
-        for job_id, kind, net_id, payload, session_blob, rooms in jobs:
+        for job_id, kind, net_id, payload, session_blob, rooms, identity in jobs:
             # Flushes happen while the board still names the RPC that finished (so a death in
             # the send does not count the next one as started), and before its clock starts.
             if self.replies and clock() - self.last_send_ns > FLUSH_AFTER_NS:
@@ -274,11 +274,15 @@ class Worker:
             pushes: list = []
             if kind == ipc.CONNECT or kind == ipc.DISCONNECT:
                 self.run_hook(kind, Conn(net_id, session, pushes, push_limit=self.push_limit, rooms=rooms,
-                                         max_rooms=self.max_rooms))
+                                         max_rooms=self.max_rooms, identity=identity))
                 self.finished(job_id, 0, 0, b"", pushes, self.session_change(kind, session, session_blob))
                 continue
+            if kind == ipc.AUTH:  # pushes of on_auth are dropped: nothing reaches an unauthenticated client
+                answer = self.run_auth(Conn(net_id, {}, [], identity=identity), payload)
+                self.finished(job_id, 0, 1, answer, (), ipc.UNCHANGED)
+                continue
             conn = Conn(net_id, session, pushes, read_only=kind == ipc.CONCURRENT, push_limit=self.push_limit,
-                        rooms=rooms, max_rooms=self.max_rooms)
+                        rooms=rooms, max_rooms=self.max_rooms, identity=identity)
             tracks_session = kind != ipc.CONCURRENT
             lines = split_lines(payload)
             job_start = clock()  # its time slice counts the lines, not the session's unpickling
@@ -438,6 +442,22 @@ class Worker:
             )
             reason = type(exc).__name__
         return encode_fail(reason, message)
+
+    def run_auth(self, conn: Conn, line: bytes) -> bytes:
+        """Run @handlers.on_auth on an auth frame; the answer is OKAY{"identity": ...} or a FAIL
+        (the acceptor closes the connection after a FAIL)."""
+        self.last_op = "<on_auth>"
+        self.last_net_id = conn.net_id
+        try:
+            _, data = decode_frame(line[:-1] if line.endswith(b"\n") else line)
+            identity = self.handlers.auth_fn(conn, data)
+            return encode_okay({"identity": identity})
+        except SimpleRPCException as exc:
+            return self.fail_answer(exc, "<on_auth>", conn)
+        except Exception:  # the handler boundary: on_auth's own bug (or an identity JSON can't encode)
+            self._log_bug("failed", "<on_auth>", logging.ERROR, "on_auth handler failed (net_id %s, pid %s)",
+                          conn.net_id, self.pid, exc_info=True)
+            return _UNKNOWN_ANSWER
 
     def run_hook(self, kind: int, conn: Conn) -> None:
         self.last_op = "<on_connect>" if kind == ipc.CONNECT else "<on_disconnect>"

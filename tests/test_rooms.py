@@ -237,7 +237,7 @@ def test_rooms_travel_once_per_worker_until_they_change():
     def ship(kind=ipc.SERIAL):
         job = SimpleNamespace(conn=SimpleNamespace(net_id=1), kind=kind)
         field = Dispatch._rooms_for(handle, job, rooms.shipped(1))
-        return field, worker.take_sessions([(1, kind, 1, b"", None, field)])[0][5]
+        return field, worker.take_sessions([(1, kind, 1, b"", None, field, None)])[0][5]
 
     assert ship() == (None, None)
     rooms.join(1, "a")

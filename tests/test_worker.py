@@ -46,7 +46,7 @@ def test_replies_go_out_every_2_ms_through_a_batch_of_hooks_with_the_board_on_th
 
     worker.send_replies = spy
     worker.send_replies()  # the clock of the 2 ms window starts now
-    jobs = [(1, ipc.SERIAL, 1, b"echo{}\n", None, None)] + [(i, ipc.CONNECT, i, b"", None, None) for i in range(2, 42)]
+    jobs = [(1, ipc.SERIAL, 1, b"echo{}\n", None, None, None)] + [(i, ipc.CONNECT, i, b"", None, None, None) for i in range(2, 42)]
     try:
         worker.run_batch(jobs)
         during = list(sends)

@@ -1,0 +1,25 @@
+"""Handlers for tests/test_security.py with @handlers.on_auth: users in a dict, a reason of our own."""
+
+from simplerpc_mp import Handlers, SimpleRPCException
+
+from tests.handlers.sec_ops import handlers as ops
+
+handlers = Handlers().merge(ops)
+
+USERS = {"alice": "wonderland", "bob": "builder"}
+
+
+class BadPassword(SimpleRPCException):
+    pass
+
+
+@handlers.on_auth
+def check_password(conn, data):
+    user = data.get("user")
+    if USERS.get(user) != data.get("password"):
+        conn.rpc("leak", {"should": "never arrive"})  # pushes from on_auth are dropped
+        raise BadPassword(f"no such user or wrong password for {user!r}")
+    identity = {"user": user, "role": "admin" if user == "alice" else "user"}
+    if conn.identity is not None:  # mutual TLS: the client certificate's commonName
+        identity["cert"] = conn.identity
+    return identity
