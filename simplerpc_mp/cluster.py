@@ -287,6 +287,9 @@ class Cluster:
 
     def _cmd_up(self) -> None:
         self.missed_beats = 0
+        # A scan whose reply was lost with the old connection (its callbacks are dropped) must
+        # not keep the view of the nodes from ever being refreshed again.
+        self.scanning = False
         self._claim()
 
     def _sub_up(self) -> None:

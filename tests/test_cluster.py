@@ -473,6 +473,28 @@ def test_stats_show_the_broker_and_the_live_nodes_with_their_connections(redis_s
         client.close()
 
 
+def test_the_view_of_the_live_nodes_is_kept_after_redis_hung(redis_server, nodes):
+    """A Redis that hangs (SIGSTOP) while a scan of the nodes' keys waits for its reply: the link
+    is reset and that reply never comes; once Redis is back the view must still be refreshed."""
+    from simplerpc_mp import Server
+    from tests.test_handlers_api import ServerThread
+
+    server = Server("127.0.0.1", 0, HANDLERS, workers=1, spare_workers=0, cluster=redis_server.url,
+                    node_name="here", cluster_node_ttl=0.6)
+    with ServerThread(server):
+        wait_until(lambda: server.cluster.stats()["broker"] == "up", timeout=10, what="broker up in stats")
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: server.cluster.stats()["broker"] == "down", timeout=10, what="broker down in stats")
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: server.cluster.stats()["broker"] == "up", timeout=20, what="broker up again in stats")
+        late = nodes.start(redis_server.url, name="late")
+        nodes.joined(late)
+        wait_until(lambda: "late" in {node["name"] for node in server.cluster.stats()["nodes"]}, timeout=10,
+                   what="the node started after the outage in stats")
+
+
 @pytest.mark.parametrize("text, expected", [
     ("redis://localhost", dict(host="localhost", port=6379, db=0, tls=False)),
     ("redis://u:p%40ss@h:7000/2", dict(host="h", port=7000, username="u", password="p@ss", db=2)),
