@@ -201,6 +201,11 @@ class Cluster:
             self.dropped_down += 1
             return
         name = room.encode("utf-8", "surrogatepass")  # (a handler may build any str)
+        # The pusher is this node's, so no other node holds its net_id, unless it was numbered
+        # before this node joined (or under a number given up since): such ids are each node's
+        # own, and another node's connection of the same number must not be left out.
+        if exclude is not None and exclude >> NET_ID_BITS != self.number:
+            exclude = None
         message = b"R%d %d %d " % (self.number, exclude or 0, len(name)) + name + frame
         if self.cmd.command([b"PUBLISH", self.all_channel, message]):
             self.room_pushes += 1

@@ -383,6 +383,35 @@ def test_a_node_started_before_redis_serves_and_joins_later(nodes):
         redis.stop()
 
 
+def test_exclude_self_of_an_early_connection_skips_no_one_on_other_nodes(nodes):
+    """Two nodes started before Redis both number their connections 1, 2, ...: the same net_id
+    on each. exclude_self of one must not leave out the other node's connection of that number."""
+    redis = RedisServer(port=free_port())  # not started yet
+    try:
+        a, b = nodes.start(redis.url), nodes.start(redis.url)
+        a.wait_log("cannot reach Redis at")
+        b.wait_log("cannot reach Redis at")
+        pusher = Listener(a)
+        others = [Listener(b)]
+        while others[-1].net_id < pusher.net_id:
+            others.append(Listener(b))
+        twin = others[-1]
+        assert twin.net_id == pusher.net_id < LOCAL_ID_LIMIT
+        redis.start()
+        a.wait_log("is back after", timeout=20)
+        b.wait_log("is back after", timeout=20)
+        for listener in (pusher, twin):
+            listener.client.call("join", {"room": "hall"})
+        pusher.client.call("say", {"room": "hall", "msg": "not to myself", "exclude_self": True})
+        fence([pusher, twin], [a, b])
+        assert [p["msg"] for p in twin.got.get("said", ())] == ["not to myself"]
+        assert "said" not in pusher.got
+        for listener in (pusher, *others):
+            listener.close()
+    finally:
+        redis.stop()
+
+
 def test_a_password_and_a_database_number_in_the_url(nodes):
     redis = RedisServer(password="s3cret").start()
     try:
