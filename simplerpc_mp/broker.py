@@ -317,7 +317,8 @@ class RedisLink:
             self.connect_timer.cancel()
             self.connect_timer = None
         self.state = UP
-        self.backoff = BACKOFF_MIN_S
+        # (The back-off is reset by Redis's first good reply, not here: something that accepts
+        # and closes at once, or refuses every command, is no reason to retry sooner.)
         self.connects += 1
         self.last_error = ""
         if self.on_message is not None and self.channels:
@@ -389,6 +390,8 @@ class RedisLink:
                 return
             if reply is False:
                 return
+            if not self.handshake_left and not isinstance(reply, hiredis.ReplyError):
+                self.backoff = BACKOFF_MIN_S  # Redis serves this link: the next loss retries soon
             if self.handshake_left:
                 self.handshake_left -= 1
                 if isinstance(reply, hiredis.ReplyError):

@@ -617,3 +617,41 @@ def test_a_link_tries_each_address_of_its_name_in_turn(redis_server):
     finally:
         link.close()
         selector.close()
+
+
+def test_a_link_backs_off_when_redis_accepts_and_closes_at_once():
+    """Something that accepts the TCP connection and closes it (a proxy whose Redis is down, a
+    Redis at maxclients): the link is up for a moment each time, yet its retries must still back
+    off, not come every BACKOFF_MIN_S forever."""
+    import selectors
+    import socket
+    import time
+
+    from simplerpc_mp.broker import BACKOFF_MIN_S, RedisLink, parse_url
+    from simplerpc_mp.timers import Timers
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    selector, timers = selectors.DefaultSelector(), Timers()
+    selector.register(listener, selectors.EVENT_READ, None)
+    downs: list = []
+    link = RedisLink(parse_url(f"redis://127.0.0.1:{port}"), selector, timers, name="test", max_buffer_bytes=1024,
+                     on_down=downs.append)
+
+    def turn():
+        for key, mask in selector.select(timers.timeout(time.monotonic())):
+            if key.data is None:
+                sock, _ = listener.accept()
+                sock.close()
+            else:
+                key.data.on_event(mask)
+        timers.run_due(time.monotonic())
+
+    try:
+        link.start()
+        wait_until(lambda: turn() or len(downs) >= 4, timeout=30, what="four connections closed by the peer")
+        assert link.backoff >= 8 * BACKOFF_MIN_S  # doubled at each of the 4 failures
+    finally:
+        link.close()
+        selector.close()
+        listener.close()
