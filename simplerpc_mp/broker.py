@@ -36,7 +36,9 @@ import hiredis
 
 log = logging.getLogger("simplerpc_mp.broker")
 
-__all__ = ["RedisURL", "RedisURLError", "RedisLink", "parse_url", "encode_command", "probe", "DOWN", "CONNECTING", "UP"]
+__all__ = [
+    "RedisURL", "RedisURLError", "RedisLink", "parse_url", "tls_context", "encode_command", "probe", "DOWN", "CONNECTING", "UP",
+]
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 DEFAULT_PORT = 6379
@@ -104,6 +106,19 @@ def parse_url(text: str) -> RedisURL:
     )
 
 
+def tls_context(url: RedisURL) -> ssl.SSLContext | None:
+    """The TLS context of a ``rediss://`` URL (None for ``redis://``). Raises ``OSError`` (an
+    ``ssl.SSLError`` included) when its ``ssl_ca_certs`` file can't be loaded: a setting to fix,
+    checked at start, since a link builds its context once."""
+    if not url.tls:
+        return None
+    context = ssl.create_default_context(cafile=url.ca_certs or None)
+    if not url.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def encode_command(args) -> bytes:
     """A command as a RESP array of bulk strings (str is sent as UTF-8, int as its digits)."""
     out = [b"*%d\r\n" % len(args)]
@@ -129,6 +144,7 @@ class RedisLink:
     def __init__(self, url: RedisURL, selector: selectors.BaseSelector, timers, *, name: str,
                  max_buffer_bytes: int, on_up=None, on_down=None, on_fail=None, on_message=None):
         self.url = url
+        self.tls_context = tls_context(url)  # once: a CA file read at each connect could fail in the loop
         self.selector = selector
         self.timers = timers
         self.name = name
@@ -274,13 +290,9 @@ class RedisLink:
             self._start_handshake()
 
     def _start_tls(self) -> None:
-        context = ssl.create_default_context(cafile=self.url.ca_certs or None)
-        if not self.url.verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
         raw = self.sock
         self._set_events(0)
-        self.sock = context.wrap_socket(raw, server_hostname=self.url.host, do_handshake_on_connect=False)
+        self.sock = self.tls_context.wrap_socket(raw, server_hostname=self.url.host, do_handshake_on_connect=False)
         self.tls_handshaking = True
         self._tls_step()
 
@@ -483,11 +495,7 @@ def probe(url: RedisURL, commands, timeout: float = CONNECT_TIMEOUT_S) -> list:
     sock = socket.create_connection((url.host, url.port), timeout=timeout)
     try:
         if url.tls:
-            context = ssl.create_default_context(cafile=url.ca_certs or None)
-            if not url.verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            sock = context.wrap_socket(sock, server_hostname=url.host)
+            sock = tls_context(url).wrap_socket(sock, server_hostname=url.host)
         sock.sendall(b"".join(encode_command(c) for c in [*handshake, *commands]))
         reader = hiredis.Reader()
         replies: list = []

@@ -655,3 +655,22 @@ def test_a_link_backs_off_when_redis_accepts_and_closes_at_once():
         link.close()
         selector.close()
         listener.close()
+
+
+def test_a_missing_ca_file_for_rediss_exits_2_with_one_line(redis_server, nodes, tmp_path):
+    """The CA file is read once, at start: a missing one is a setting to fix (serve and check
+    exit 2), not an exception in the loop when the first connection to Redis comes up."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-ca.pem"
+    url = f"rediss://127.0.0.1:{redis_server.port}/0?ssl_ca_certs={missing}"
+    server = nodes.start(url, ready=False)
+    assert server.proc.wait(60) == 2
+    log = server.log()
+    assert str(missing) in log
+    assert "Traceback" not in log
+    done = subprocess.run([sys.executable, "-m", "simplerpc_mp", "check", "--cluster", url, "--handlers", HANDLERS],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert str(missing) in done.stderr and "Traceback" not in done.stderr
