@@ -266,7 +266,11 @@ class RedisLink:
                 self._reset(f"cannot resolve {self.url.host}: {exc.strerror or exc}")
                 return
         family, kind, proto, _, address = self.addresses[self.address_index % len(self.addresses)]
-        sock = socket.socket(family, kind, proto)
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:  # out of descriptors (EMFILE, ENFILE) or kernel memory: try again later
+            self._reset(f"cannot create a socket: {exc.strerror or exc}")
+            return
         sock.setblocking(False)
         if family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -674,3 +674,48 @@ def test_a_missing_ca_file_for_rediss_exits_2_with_one_line(redis_server, nodes,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert str(missing) in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_link_out_of_descriptors_retries_instead_of_raising(redis_server):
+    """socket() failing with EMFILE (a node full of clients) is a failed attempt, retried after
+    the back-off: raised, it would escape into the server's loop and stop the server."""
+    import os
+    import resource
+    import selectors
+    import socket
+    import time
+
+    from simplerpc_mp.broker import UP, RedisLink, parse_url
+    from simplerpc_mp.timers import Timers
+
+    selector, timers = selectors.DefaultSelector(), Timers()
+    failures: list = []
+    link = RedisLink(parse_url(redis_server.url), selector, timers, name="test", max_buffer_bytes=1024,
+                     on_fail=failures.append)
+    link.addresses = [(socket.AF_INET, socket.SOCK_STREAM, 0, "", ("127.0.0.1", redis_server.port))]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(int(fd) for fd in os.listdir("/proc/self/fd")) + 16, hard))
+        try:
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass  # every descriptor is taken
+        link.start()
+        assert len(failures) == 1 and "Too many open files" in failures[0]
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    def turn():
+        for key, mask in selector.select(timers.timeout(time.monotonic())):
+            key.data.on_event(mask)
+        timers.run_due(time.monotonic())
+
+    try:
+        wait_until(lambda: turn() or link.state == UP, timeout=10, what="the link up once descriptors are free")
+    finally:
+        link.close()
+        selector.close()
