@@ -58,7 +58,11 @@ class RedisServer:
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        self._wait_ping()
+        try:
+            self._wait_ping()
+        except BaseException:
+            self.kill()  # the caller gets no server to stop: leave none running
+            raise
         return self
 
     def _wait_ping(self) -> None:

@@ -719,3 +719,19 @@ def test_a_link_out_of_descriptors_retries_instead_of_raising(redis_server):
     finally:
         link.close()
         selector.close()
+
+
+def test_the_redis_fixture_leaves_no_server_running_when_its_start_fails(monkeypatch):
+    """A redis-server that did not answer in time (a loaded machine) is killed and reaped, not
+    left running after the test session."""
+    import tests.redis_fixture as fixture
+
+    def never_answers(self, *args, **kwargs):
+        raise OSError("no answer")
+
+    monkeypatch.setattr(fixture, "READY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(fixture.RedisServer, "command", never_answers)
+    server = fixture.RedisServer()
+    with pytest.raises(AssertionError, match="did not answer PING"):
+        server.start()
+    assert server.proc.poll() is not None
