@@ -462,9 +462,11 @@ class Cluster:
                 continue  # expired between SCAN and MGET
             _, _, info = value.partition(b" ")
             try:
-                nodes[key[prefix:].decode("utf-8", "replace")] = json.loads(info)
+                info = json.loads(info)
             except ValueError:
                 continue
+            if isinstance(info, dict):  # (anyone who can write to the Redis can put anything there)
+                nodes[key[prefix:].decode("utf-8", "replace")] = info
         self.nodes = nodes
 
     # -- stats -------------------------------------------------------------------------------

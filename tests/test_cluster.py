@@ -524,6 +524,20 @@ def test_the_view_of_the_live_nodes_is_kept_after_redis_hung(redis_server, nodes
                    what="the node started after the outage in stats")
 
 
+def test_a_heartbeat_key_that_is_not_a_node_s_is_left_out_of_stats(redis_server):
+    """Anyone who can write to the Redis can leave any value under a node key: stats skip it."""
+    from simplerpc_mp import Server
+    from tests.test_handlers_api import ServerThread
+
+    redis_server.command("SET", "simplerpc-mp:node:odd", "token 5")  # JSON, but not an object
+    redis_server.command("SET", "simplerpc-mp:node:odder", "token [1, 2]")
+    server = Server("127.0.0.1", 0, HANDLERS, workers=1, spare_workers=0, cluster=redis_server.url,
+                    node_name="here", cluster_node_ttl=0.6)
+    with ServerThread(server):
+        wait_until(lambda: "here" in server.cluster.nodes, timeout=10, what="a scan that read the nodes' keys")
+        assert {node["name"] for node in server.cluster.stats()["nodes"]} == {"here"}
+
+
 @pytest.mark.parametrize("text, expected", [
     ("redis://localhost", dict(host="localhost", port=6379, db=0, tls=False)),
     ("redis://u:p%40ss@h:7000/2", dict(host="h", port=7000, username="u", password="p@ss", db=2)),
