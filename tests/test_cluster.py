@@ -160,6 +160,18 @@ def test_a_push_to_a_net_id_no_node_holds_is_dropped(three):
     a.close()
 
 
+def test_rpc_to_minus_one_is_not_rpc_all(three):
+    """A client naming net_id -1 (the messenger's tell{"to": -1}) must not reach every client of
+    every node: no connection has that net_id, so the push is dropped."""
+    _, servers = three
+    sender, here, there = Listener(servers[0]), Listener(servers[0]), Listener(servers[1])
+    sender.client.call("tell", {"to": -1, "msg": "to everyone?"})
+    fence([sender, here, there], servers)
+    for listener in (sender, here, there):
+        assert "told" not in listener.got
+        listener.close()
+
+
 def test_a_room_with_members_on_three_nodes(three):
     _, servers = three
     members = [Listener(server) for server in servers for _ in range(2)]
