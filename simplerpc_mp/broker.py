@@ -5,7 +5,8 @@ PUBLISH, one subscribed to the node's channels). It never blocks the loop:
 
 - the socket is non-blocking and registered with the loop's selector (``on_event(mask)``);
   connecting, the TLS handshake (``rediss://``), AUTH and SELECT are steps of a small state
-  machine, bounded by ``CONNECT_TIMEOUT_S``;
+  machine, bounded by ``CONNECT_TIMEOUT_S``; the one blocking call, the name lookup, runs in a
+  thread of its own (``_Lookup``);
 - replies are parsed by ``hiredis.Reader`` (sans-IO: feed bytes, take replies); commands are
   encoded here as RESP arrays, which is all a request is;
 - what waits to be sent is capped (``max_buffer_bytes``): past it, and whenever the link is not
@@ -28,6 +29,7 @@ import random
 import selectors
 import socket
 import ssl
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -50,6 +52,8 @@ CONNECT_TIMEOUT_S = 5.0
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 2.0
 RECV_BYTES = 256 * 1024
+# How often the loop looks whether a name lookup running in its thread has ended.
+LOOKUP_POLL_S = 0.05
 
 DOWN, CONNECTING, UP = "down", "connecting", "up"
 
@@ -168,6 +172,8 @@ class RedisLink:
         self.retry_timer = None
         self.connect_timer = None
         self.flush_timer = None
+        self.lookup: _Lookup | None = None  # a name lookup running in its thread
+        self.lookup_timer = None
         self.address_index = 0  # the address tried next (a name may resolve to several: ::1, 127.0.0.1)
         self.wanted = False
         self.last_error = ""
@@ -256,15 +262,39 @@ class RedisLink:
             return
         self.state = CONNECTING
         self.connect_timer = self.timers.call_later(CONNECT_TIMEOUT_S, self._connect_timed_out)
-        if not self.addresses:
+        if self.addresses:
+            self._open()
+        else:
+            self._wait_lookup()
+
+    def _wait_lookup(self) -> None:
+        """Resolve the name once (later attempts reuse the addresses, in turn; a Redis that moves
+        to another address needs a restart of the node, or an IP in the URL). An IP literal
+        resolves here; a name in a thread of its own, which the loop looks at every
+        LOOKUP_POLL_S: a DNS server that does not answer would otherwise hold the loop for its
+        timeout, at every retry while the name does not resolve."""
+        self.lookup_timer = None
+        lookup = self.lookup
+        if lookup is None:
             try:
-                # Blocking, but only until the name resolves once: later attempts reuse the
-                # addresses, in turn (an IP literal resolves without asking DNS). A Redis that
-                # moves to another address needs a restart of the node (or an IP in the URL).
-                self.addresses = socket.getaddrinfo(self.url.host, self.url.port, type=socket.SOCK_STREAM)
-            except socket.gaierror as exc:
-                self._reset(f"cannot resolve {self.url.host}: {exc.strerror or exc}")
+                self.addresses = socket.getaddrinfo(self.url.host, self.url.port, type=socket.SOCK_STREAM,
+                                                    flags=socket.AI_NUMERICHOST)
+            except (socket.gaierror, UnicodeError):  # a name, not an address (or one idna can't encode)
+                lookup = self.lookup = _Lookup(self.url.host, self.url.port)
+            else:
+                self._open()
                 return
+        if not lookup.done:
+            self.lookup_timer = self.timers.call_later(LOOKUP_POLL_S, self._wait_lookup)
+            return
+        self.lookup = None
+        if lookup.error is not None:
+            self._reset(f"cannot resolve {self.url.host}: {getattr(lookup.error, 'strerror', None) or lookup.error}")
+            return
+        self.addresses = lookup.addresses
+        self._open()
+
+    def _open(self) -> None:
         family, kind, proto, _, address = self.addresses[self.address_index % len(self.addresses)]
         try:
             sock = socket.socket(family, kind, proto)
@@ -352,11 +382,11 @@ class RedisLink:
             self._set_events(0)
             self.sock.close()
             self.sock = None
-        timers = [self.connect_timer, self.flush_timer] + ([] if retry else [self.retry_timer])
+        timers = [self.connect_timer, self.flush_timer, self.lookup_timer] + ([] if retry else [self.retry_timer])
         for timer in timers:
             if timer is not None:
                 timer.cancel()
-        self.connect_timer = self.flush_timer = None
+        self.connect_timer = self.flush_timer = self.lookup_timer = None
         if not retry:
             self.retry_timer = None
         self.state = DOWN
@@ -475,6 +505,24 @@ class RedisLink:
         else:
             self.selector.unregister(self.sock)
         self.events = events
+
+
+class _Lookup:
+    """``getaddrinfo`` in a daemon thread: it has no non-blocking form. (A daemon, so that a
+    lookup that never ends can't hold up the process's exit; at most one runs per link.)"""
+
+    def __init__(self, host: str, port: int):
+        self.addresses: list = []
+        self.error: Exception | None = None
+        self.done = False
+        threading.Thread(target=self._run, args=(host, port), name="redis-name-lookup", daemon=True).start()
+
+    def _run(self, host: str, port: int) -> None:
+        try:
+            self.addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:  # (gaierror; UnicodeError: a label idna can't encode)
+            self.error = exc
+        self.done = True  # last: the loop reads the fields above once it sees this
 
 
 def _strerror(code: int) -> str:

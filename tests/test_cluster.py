@@ -761,3 +761,49 @@ def test_the_redis_fixture_leaves_no_server_running_when_its_start_fails(monkeyp
     with pytest.raises(AssertionError, match="did not answer PING"):
         server.start()
     assert server.proc.poll() is not None
+
+
+def test_a_slow_name_lookup_does_not_block_the_loop(redis_server, monkeypatch):
+    """getaddrinfo() has no non-blocking form: a DNS server that does not answer (each retry
+    while Redis's name does not resolve) must not hold the acceptor's loop for its timeout."""
+    import selectors
+    import socket
+    import threading
+    import time
+
+    from simplerpc_mp import broker
+    from simplerpc_mp.broker import UP, RedisLink, parse_url
+    from simplerpc_mp.timers import Timers
+
+    real_getaddrinfo = socket.getaddrinfo
+    release = threading.Event()
+
+    def slow_getaddrinfo(host, port, *args, **kwargs):
+        if kwargs.get("flags", 0) & socket.AI_NUMERICHOST:  # no DNS asked
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        if host == "redis.test" and not release.wait(10):
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real_getaddrinfo("127.0.0.1", port, *args, **kwargs)
+
+    monkeypatch.setattr(broker.socket, "getaddrinfo", slow_getaddrinfo)
+    selector, timers = selectors.DefaultSelector(), Timers()
+    failures: list = []
+    link = RedisLink(parse_url(f"redis://redis.test:{redis_server.port}"), selector, timers, name="test",
+                     max_buffer_bytes=1024, on_fail=failures.append)
+
+    def turn():
+        for key, mask in selector.select(timers.timeout(time.monotonic())):
+            key.data.on_event(mask)
+        timers.run_due(time.monotonic())
+
+    try:
+        link.start()
+        turn()
+        assert not release.is_set() and failures == []  # start() and the loop went on: the lookup waits
+        release.set()
+        wait_until(lambda: turn() or link.state == UP, timeout=10, what="the link up once the name resolved")
+        assert failures == []
+    finally:
+        release.set()
+        link.close()
+        selector.close()
