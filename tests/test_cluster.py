@@ -807,3 +807,45 @@ def test_a_slow_name_lookup_does_not_block_the_loop(redis_server, monkeypatch):
         release.set()
         link.close()
         selector.close()
+
+
+def test_the_redis_fixture_leaves_no_server_running_when_the_tests_are_killed(tmp_path):
+    """A test run killed outright (`timeout` sends SIGTERM, a CI job is cancelled) runs no
+    teardown: the redis-server it started must die with it, not stay on the machine."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import REPO
+
+    script = tmp_path / "start_redis.py"
+    script.write_text("import sys, time\n"
+                      "from tests.redis_fixture import RedisServer\n"
+                      "server = RedisServer().start()\n"
+                      "print(server.proc.pid, flush=True)\n"
+                      "sys.stdin.read()\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    runner = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    redis_pid = 0
+    try:
+        redis_pid = int(runner.stdout.readline())
+        runner.kill()
+        runner.wait(10)
+
+        def gone() -> bool:
+            try:
+                return psutil.Process(redis_pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_until(gone, timeout=10, what="the redis-server of a killed test process to exit")
+    finally:
+        runner.kill()
+        if redis_pid and psutil.pid_exists(redis_pid):
+            try:
+                psutil.Process(redis_pid).kill()
+            except psutil.NoSuchProcess:
+                pass
