@@ -93,6 +93,10 @@ def parse_url(text: str) -> RedisURL:
         raise RedisURLError(f"cluster: bad port in {text!r}") from None
     if not parts.hostname:
         raise RedisURLError(f"cluster: no host in {text!r}")
+    try:
+        parts.hostname.encode("idna")  # as getaddrinfo will: an empty or too long label can't be looked up
+    except UnicodeError:
+        raise RedisURLError(f"cluster: bad host name in {text!r}") from None
     path = parts.path.strip("/")
     if path and not path.isdigit():
         raise RedisURLError(f"cluster: the path of {text!r} must be a database number, got {path!r}")

@@ -571,6 +571,8 @@ def test_redis_urls(text, expected):
     ("redis://", "no host"),
     ("redis://h:notaport", "bad port"),
     ("redis://h/zero", "must be a database number"),
+    ("redis://" + "a" * 64 + ".example", "bad host name"),  # a DNS label is at most 63 characters
+    ("redis://redis..internal", "bad host name"),
 ])
 def test_bad_redis_urls(text, message):
     from simplerpc_mp.broker import RedisURLError, parse_url
