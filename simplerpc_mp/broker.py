@@ -519,7 +519,11 @@ class _Lookup:
         self.addresses: list = []
         self.error: Exception | None = None
         self.done = False
-        threading.Thread(target=self._run, args=(host, port), name="redis-name-lookup", daemon=True).start()
+        try:
+            threading.Thread(target=self._run, args=(host, port), name="redis-name-lookup", daemon=True).start()
+        except RuntimeError as exc:  # "can't start new thread": an attempt that failed, tried again later
+            self.error = exc
+            self.done = True
 
     def _run(self, host: str, port: int) -> None:
         try:

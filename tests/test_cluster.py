@@ -851,3 +851,32 @@ def test_the_redis_fixture_leaves_no_server_running_when_the_tests_are_killed(tm
                 psutil.Process(redis_pid).kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_a_name_lookup_that_cannot_start_a_thread_is_a_failed_attempt(monkeypatch):
+    """No thread for the lookup (a process at its thread limit) is an attempt that failed, retried
+    after the back-off: raised, it would escape into the server's loop and stop the server."""
+    import selectors
+    import threading
+    import time
+
+    from simplerpc_mp.broker import CONNECTING, DOWN, RedisLink, parse_url
+    from simplerpc_mp.timers import Timers
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    selector, timers = selectors.DefaultSelector(), Timers()
+    failures: list = []
+    link = RedisLink(parse_url("redis://redis.test:6379"), selector, timers, name="test", max_buffer_bytes=1024,
+                     on_fail=failures.append)
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    try:
+        link.start()
+        assert link.state in (DOWN, CONNECTING)
+        wait_until(lambda: timers.run_due(time.monotonic()) or failures, timeout=10, what="the failed attempt")
+        assert "can't start new thread" in failures[0]
+    finally:
+        monkeypatch.undo()
+        link.close()
+        selector.close()
