@@ -5,7 +5,8 @@ PUBLISH, one subscribed to the node's channels). It never blocks the loop:
 
 - the socket is non-blocking and registered with the loop's selector (``on_event(mask)``);
   connecting, the TLS handshake (``rediss://``), AUTH and SELECT are steps of a small state
-  machine, bounded by ``CONNECT_TIMEOUT_S``;
+  machine, bounded by ``CONNECT_TIMEOUT_S``; the one blocking call, the name lookup, runs in a
+  thread of its own (``_Lookup``);
 - replies are parsed by ``hiredis.Reader`` (sans-IO: feed bytes, take replies); commands are
   encoded here as RESP arrays, which is all a request is;
 - what waits to be sent is capped (``max_buffer_bytes``): past it, and whenever the link is not
@@ -28,6 +29,7 @@ import random
 import selectors
 import socket
 import ssl
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -36,7 +38,9 @@ import hiredis
 
 log = logging.getLogger("simplerpc_mp.broker")
 
-__all__ = ["RedisURL", "RedisURLError", "RedisLink", "parse_url", "encode_command", "probe", "DOWN", "CONNECTING", "UP"]
+__all__ = [
+    "RedisURL", "RedisURLError", "RedisLink", "parse_url", "tls_context", "encode_command", "probe", "DOWN", "CONNECTING", "UP",
+]
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 DEFAULT_PORT = 6379
@@ -48,6 +52,8 @@ CONNECT_TIMEOUT_S = 5.0
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 2.0
 RECV_BYTES = 256 * 1024
+# How often the loop looks whether a name lookup running in its thread has ended.
+LOOKUP_POLL_S = 0.05
 
 DOWN, CONNECTING, UP = "down", "connecting", "up"
 
@@ -87,6 +93,10 @@ def parse_url(text: str) -> RedisURL:
         raise RedisURLError(f"cluster: bad port in {text!r}") from None
     if not parts.hostname:
         raise RedisURLError(f"cluster: no host in {text!r}")
+    try:
+        parts.hostname.encode("idna")  # as getaddrinfo will: an empty or too long label can't be looked up
+    except UnicodeError:
+        raise RedisURLError(f"cluster: bad host name in {text!r}") from None
     path = parts.path.strip("/")
     if path and not path.isdigit():
         raise RedisURLError(f"cluster: the path of {text!r} must be a database number, got {path!r}")
@@ -102,6 +112,19 @@ def parse_url(text: str) -> RedisURL:
         verify=query.get("ssl_cert_reqs", ["required"])[0].lower() != "none",
         text=text,
     )
+
+
+def tls_context(url: RedisURL) -> ssl.SSLContext | None:
+    """The TLS context of a ``rediss://`` URL (None for ``redis://``). Raises ``OSError`` (an
+    ``ssl.SSLError`` included) when its ``ssl_ca_certs`` file can't be loaded: a setting to fix,
+    checked at start, since a link builds its context once."""
+    if not url.tls:
+        return None
+    context = ssl.create_default_context(cafile=url.ca_certs or None)
+    if not url.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def encode_command(args) -> bytes:
@@ -129,6 +152,7 @@ class RedisLink:
     def __init__(self, url: RedisURL, selector: selectors.BaseSelector, timers, *, name: str,
                  max_buffer_bytes: int, on_up=None, on_down=None, on_fail=None, on_message=None):
         self.url = url
+        self.tls_context = tls_context(url)  # once: a CA file read at each connect could fail in the loop
         self.selector = selector
         self.timers = timers
         self.name = name
@@ -152,6 +176,8 @@ class RedisLink:
         self.retry_timer = None
         self.connect_timer = None
         self.flush_timer = None
+        self.lookup: _Lookup | None = None  # a name lookup running in its thread
+        self.lookup_timer = None
         self.address_index = 0  # the address tried next (a name may resolve to several: ::1, 127.0.0.1)
         self.wanted = False
         self.last_error = ""
@@ -240,17 +266,45 @@ class RedisLink:
             return
         self.state = CONNECTING
         self.connect_timer = self.timers.call_later(CONNECT_TIMEOUT_S, self._connect_timed_out)
-        if not self.addresses:
+        if self.addresses:
+            self._open()
+        else:
+            self._wait_lookup()
+
+    def _wait_lookup(self) -> None:
+        """Resolve the name once (later attempts reuse the addresses, in turn; a Redis that moves
+        to another address needs a restart of the node, or an IP in the URL). An IP literal
+        resolves here; a name in a thread of its own, which the loop looks at every
+        LOOKUP_POLL_S: a DNS server that does not answer would otherwise hold the loop for its
+        timeout, at every retry while the name does not resolve."""
+        self.lookup_timer = None
+        lookup = self.lookup
+        if lookup is None:
             try:
-                # Blocking, but only until the name resolves once: later attempts reuse the
-                # addresses, in turn (an IP literal resolves without asking DNS). A Redis that
-                # moves to another address needs a restart of the node (or an IP in the URL).
-                self.addresses = socket.getaddrinfo(self.url.host, self.url.port, type=socket.SOCK_STREAM)
-            except socket.gaierror as exc:
-                self._reset(f"cannot resolve {self.url.host}: {exc.strerror or exc}")
+                self.addresses = socket.getaddrinfo(self.url.host, self.url.port, type=socket.SOCK_STREAM,
+                                                    flags=socket.AI_NUMERICHOST)
+            except (socket.gaierror, UnicodeError):  # a name, not an address (or one idna can't encode)
+                lookup = self.lookup = _Lookup(self.url.host, self.url.port)
+            else:
+                self._open()
                 return
+        if not lookup.done:
+            self.lookup_timer = self.timers.call_later(LOOKUP_POLL_S, self._wait_lookup)
+            return
+        self.lookup = None
+        if lookup.error is not None:
+            self._reset(f"cannot resolve {self.url.host}: {getattr(lookup.error, 'strerror', None) or lookup.error}")
+            return
+        self.addresses = lookup.addresses
+        self._open()
+
+    def _open(self) -> None:
         family, kind, proto, _, address = self.addresses[self.address_index % len(self.addresses)]
-        sock = socket.socket(family, kind, proto)
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:  # out of descriptors (EMFILE, ENFILE) or kernel memory: try again later
+            self._reset(f"cannot create a socket: {exc.strerror or exc}")
+            return
         sock.setblocking(False)
         if family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -274,13 +328,9 @@ class RedisLink:
             self._start_handshake()
 
     def _start_tls(self) -> None:
-        context = ssl.create_default_context(cafile=self.url.ca_certs or None)
-        if not self.url.verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
         raw = self.sock
         self._set_events(0)
-        self.sock = context.wrap_socket(raw, server_hostname=self.url.host, do_handshake_on_connect=False)
+        self.sock = self.tls_context.wrap_socket(raw, server_hostname=self.url.host, do_handshake_on_connect=False)
         self.tls_handshaking = True
         self._tls_step()
 
@@ -317,7 +367,8 @@ class RedisLink:
             self.connect_timer.cancel()
             self.connect_timer = None
         self.state = UP
-        self.backoff = BACKOFF_MIN_S
+        # (The back-off is reset by Redis's first good reply, not here: something that accepts
+        # and closes at once, or refuses every command, is no reason to retry sooner.)
         self.connects += 1
         self.last_error = ""
         if self.on_message is not None and self.channels:
@@ -335,11 +386,11 @@ class RedisLink:
             self._set_events(0)
             self.sock.close()
             self.sock = None
-        timers = [self.connect_timer, self.flush_timer] + ([] if retry else [self.retry_timer])
+        timers = [self.connect_timer, self.flush_timer, self.lookup_timer] + ([] if retry else [self.retry_timer])
         for timer in timers:
             if timer is not None:
                 timer.cancel()
-        self.connect_timer = self.flush_timer = None
+        self.connect_timer = self.flush_timer = self.lookup_timer = None
         if not retry:
             self.retry_timer = None
         self.state = DOWN
@@ -389,6 +440,8 @@ class RedisLink:
                 return
             if reply is False:
                 return
+            if not self.handshake_left and not isinstance(reply, hiredis.ReplyError):
+                self.backoff = BACKOFF_MIN_S  # Redis serves this link: the next loss retries soon
             if self.handshake_left:
                 self.handshake_left -= 1
                 if isinstance(reply, hiredis.ReplyError):
@@ -458,6 +511,28 @@ class RedisLink:
         self.events = events
 
 
+class _Lookup:
+    """``getaddrinfo`` in a daemon thread: it has no non-blocking form. (A daemon, so that a
+    lookup that never ends can't hold up the process's exit; at most one runs per link.)"""
+
+    def __init__(self, host: str, port: int):
+        self.addresses: list = []
+        self.error: Exception | None = None
+        self.done = False
+        try:
+            threading.Thread(target=self._run, args=(host, port), name="redis-name-lookup", daemon=True).start()
+        except RuntimeError as exc:  # "can't start new thread": an attempt that failed, tried again later
+            self.error = exc
+            self.done = True
+
+    def _run(self, host: str, port: int) -> None:
+        try:
+            self.addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:  # (gaierror; UnicodeError: a label idna can't encode)
+            self.error = exc
+        self.done = True  # last: the loop reads the fields above once it sees this
+
+
 def _strerror(code: int) -> str:
     return os.strerror(code)
 
@@ -480,11 +555,7 @@ def probe(url: RedisURL, commands, timeout: float = CONNECT_TIMEOUT_S) -> list:
     sock = socket.create_connection((url.host, url.port), timeout=timeout)
     try:
         if url.tls:
-            context = ssl.create_default_context(cafile=url.ca_certs or None)
-            if not url.verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            sock = context.wrap_socket(sock, server_hostname=url.host)
+            sock = tls_context(url).wrap_socket(sock, server_hostname=url.host)
         sock.sendall(b"".join(encode_command(c) for c in [*handshake, *commands]))
         reader = hiredis.Reader()
         replies: list = []

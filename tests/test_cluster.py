@@ -160,6 +160,18 @@ def test_a_push_to_a_net_id_no_node_holds_is_dropped(three):
     a.close()
 
 
+def test_rpc_to_minus_one_is_not_rpc_all(three):
+    """A client naming net_id -1 (the messenger's tell{"to": -1}) must not reach every client of
+    every node: no connection has that net_id, so the push is dropped."""
+    _, servers = three
+    sender, here, there = Listener(servers[0]), Listener(servers[0]), Listener(servers[1])
+    sender.client.call("tell", {"to": -1, "msg": "to everyone?"})
+    fence([sender, here, there], servers)
+    for listener in (sender, here, there):
+        assert "told" not in listener.got
+        listener.close()
+
+
 def test_a_room_with_members_on_three_nodes(three):
     _, servers = three
     members = [Listener(server) for server in servers for _ in range(2)]
@@ -383,6 +395,35 @@ def test_a_node_started_before_redis_serves_and_joins_later(nodes):
         redis.stop()
 
 
+def test_exclude_self_of_an_early_connection_skips_no_one_on_other_nodes(nodes):
+    """Two nodes started before Redis both number their connections 1, 2, ...: the same net_id
+    on each. exclude_self of one must not leave out the other node's connection of that number."""
+    redis = RedisServer(port=free_port())  # not started yet
+    try:
+        a, b = nodes.start(redis.url), nodes.start(redis.url)
+        a.wait_log("cannot reach Redis at")
+        b.wait_log("cannot reach Redis at")
+        pusher = Listener(a)
+        others = [Listener(b)]
+        while others[-1].net_id < pusher.net_id:
+            others.append(Listener(b))
+        twin = others[-1]
+        assert twin.net_id == pusher.net_id < LOCAL_ID_LIMIT
+        redis.start()
+        a.wait_log("is back after", timeout=20)
+        b.wait_log("is back after", timeout=20)
+        for listener in (pusher, twin):
+            listener.client.call("join", {"room": "hall"})
+        pusher.client.call("say", {"room": "hall", "msg": "not to myself", "exclude_self": True})
+        fence([pusher, twin], [a, b])
+        assert [p["msg"] for p in twin.got.get("said", ())] == ["not to myself"]
+        assert "said" not in pusher.got
+        for listener in (pusher, *others):
+            listener.close()
+    finally:
+        redis.stop()
+
+
 def test_a_password_and_a_database_number_in_the_url(nodes):
     redis = RedisServer(password="s3cret").start()
     try:
@@ -473,6 +514,42 @@ def test_stats_show_the_broker_and_the_live_nodes_with_their_connections(redis_s
         client.close()
 
 
+def test_the_view_of_the_live_nodes_is_kept_after_redis_hung(redis_server, nodes):
+    """A Redis that hangs (SIGSTOP) while a scan of the nodes' keys waits for its reply: the link
+    is reset and that reply never comes; once Redis is back the view must still be refreshed."""
+    from simplerpc_mp import Server
+    from tests.test_handlers_api import ServerThread
+
+    server = Server("127.0.0.1", 0, HANDLERS, workers=1, spare_workers=0, cluster=redis_server.url,
+                    node_name="here", cluster_node_ttl=0.6)
+    with ServerThread(server):
+        wait_until(lambda: server.cluster.stats()["broker"] == "up", timeout=10, what="broker up in stats")
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: server.cluster.stats()["broker"] == "down", timeout=10, what="broker down in stats")
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: server.cluster.stats()["broker"] == "up", timeout=20, what="broker up again in stats")
+        late = nodes.start(redis_server.url, name="late")
+        nodes.joined(late)
+        wait_until(lambda: "late" in {node["name"] for node in server.cluster.stats()["nodes"]}, timeout=10,
+                   what="the node started after the outage in stats")
+
+
+def test_a_heartbeat_key_that_is_not_a_node_s_is_left_out_of_stats(redis_server):
+    """Anyone who can write to the Redis can leave any value under a node key: stats skip it."""
+    from simplerpc_mp import Server
+    from tests.test_handlers_api import ServerThread
+
+    redis_server.command("SET", "simplerpc-mp:node:odd", "token 5")  # JSON, but not an object
+    redis_server.command("SET", "simplerpc-mp:node:odder", "token [1, 2]")
+    server = Server("127.0.0.1", 0, HANDLERS, workers=1, spare_workers=0, cluster=redis_server.url,
+                    node_name="here", cluster_node_ttl=0.6)
+    with ServerThread(server):
+        wait_until(lambda: "here" in server.cluster.nodes, timeout=10, what="a scan that read the nodes' keys")
+        assert {node["name"] for node in server.cluster.stats()["nodes"]} == {"here"}
+
+
 @pytest.mark.parametrize("text, expected", [
     ("redis://localhost", dict(host="localhost", port=6379, db=0, tls=False)),
     ("redis://u:p%40ss@h:7000/2", dict(host="h", port=7000, username="u", password="p@ss", db=2)),
@@ -494,6 +571,8 @@ def test_redis_urls(text, expected):
     ("redis://", "no host"),
     ("redis://h:notaport", "bad port"),
     ("redis://h/zero", "must be a database number"),
+    ("redis://" + "a" * 64 + ".example", "bad host name"),  # a DNS label is at most 63 characters
+    ("redis://redis..internal", "bad host name"),
 ])
 def test_bad_redis_urls(text, message):
     from simplerpc_mp.broker import RedisURLError, parse_url
@@ -564,5 +643,240 @@ def test_a_link_tries_each_address_of_its_name_in_turn(redis_server):
         wait_until(lambda: turn() or len(replies) == 2, timeout=10, what="two replies")
         assert replies == [b"OK", b"v"]
     finally:
+        link.close()
+        selector.close()
+
+
+def test_a_link_backs_off_when_redis_accepts_and_closes_at_once():
+    """Something that accepts the TCP connection and closes it (a proxy whose Redis is down, a
+    Redis at maxclients): the link is up for a moment each time, yet its retries must still back
+    off, not come every BACKOFF_MIN_S forever."""
+    import selectors
+    import socket
+    import time
+
+    from simplerpc_mp.broker import BACKOFF_MIN_S, RedisLink, parse_url
+    from simplerpc_mp.timers import Timers
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    selector, timers = selectors.DefaultSelector(), Timers()
+    selector.register(listener, selectors.EVENT_READ, None)
+    downs: list = []
+    link = RedisLink(parse_url(f"redis://127.0.0.1:{port}"), selector, timers, name="test", max_buffer_bytes=1024,
+                     on_down=downs.append)
+
+    def turn():
+        for key, mask in selector.select(timers.timeout(time.monotonic())):
+            if key.data is None:
+                sock, _ = listener.accept()
+                sock.close()
+            else:
+                key.data.on_event(mask)
+        timers.run_due(time.monotonic())
+
+    try:
+        link.start()
+        wait_until(lambda: turn() or len(downs) >= 4, timeout=30, what="four connections closed by the peer")
+        assert link.backoff >= 8 * BACKOFF_MIN_S  # doubled at each of the 4 failures
+    finally:
+        link.close()
+        selector.close()
+        listener.close()
+
+
+def test_a_missing_ca_file_for_rediss_exits_2_with_one_line(redis_server, nodes, tmp_path):
+    """The CA file is read once, at start: a missing one is a setting to fix (serve and check
+    exit 2), not an exception in the loop when the first connection to Redis comes up."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-ca.pem"
+    url = f"rediss://127.0.0.1:{redis_server.port}/0?ssl_ca_certs={missing}"
+    server = nodes.start(url, ready=False)
+    assert server.proc.wait(60) == 2
+    log = server.log()
+    assert str(missing) in log
+    assert "Traceback" not in log
+    done = subprocess.run([sys.executable, "-m", "simplerpc_mp", "check", "--cluster", url, "--handlers", HANDLERS],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert str(missing) in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_link_out_of_descriptors_retries_instead_of_raising(redis_server):
+    """socket() failing with EMFILE (a node full of clients) is a failed attempt, retried after
+    the back-off: raised, it would escape into the server's loop and stop the server."""
+    import os
+    import resource
+    import selectors
+    import socket
+    import time
+
+    from simplerpc_mp.broker import UP, RedisLink, parse_url
+    from simplerpc_mp.timers import Timers
+
+    selector, timers = selectors.DefaultSelector(), Timers()
+    failures: list = []
+    link = RedisLink(parse_url(redis_server.url), selector, timers, name="test", max_buffer_bytes=1024,
+                     on_fail=failures.append)
+    link.addresses = [(socket.AF_INET, socket.SOCK_STREAM, 0, "", ("127.0.0.1", redis_server.port))]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(int(fd) for fd in os.listdir("/proc/self/fd")) + 16, hard))
+        try:
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass  # every descriptor is taken
+        link.start()
+        assert len(failures) == 1 and "Too many open files" in failures[0]
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    def turn():
+        for key, mask in selector.select(timers.timeout(time.monotonic())):
+            key.data.on_event(mask)
+        timers.run_due(time.monotonic())
+
+    try:
+        wait_until(lambda: turn() or link.state == UP, timeout=10, what="the link up once descriptors are free")
+    finally:
+        link.close()
+        selector.close()
+
+
+def test_the_redis_fixture_leaves_no_server_running_when_its_start_fails(monkeypatch):
+    """A redis-server that did not answer in time (a loaded machine) is killed and reaped, not
+    left running after the test session."""
+    import tests.redis_fixture as fixture
+
+    def never_answers(self, *args, **kwargs):
+        raise OSError("no answer")
+
+    monkeypatch.setattr(fixture, "READY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(fixture.RedisServer, "command", never_answers)
+    server = fixture.RedisServer()
+    with pytest.raises(AssertionError, match="did not answer PING"):
+        server.start()
+    assert server.proc.poll() is not None
+
+
+def test_a_slow_name_lookup_does_not_block_the_loop(redis_server, monkeypatch):
+    """getaddrinfo() has no non-blocking form: a DNS server that does not answer (each retry
+    while Redis's name does not resolve) must not hold the acceptor's loop for its timeout."""
+    import selectors
+    import socket
+    import threading
+    import time
+
+    from simplerpc_mp import broker
+    from simplerpc_mp.broker import UP, RedisLink, parse_url
+    from simplerpc_mp.timers import Timers
+
+    real_getaddrinfo = socket.getaddrinfo
+    release = threading.Event()
+
+    def slow_getaddrinfo(host, port, *args, **kwargs):
+        if kwargs.get("flags", 0) & socket.AI_NUMERICHOST:  # no DNS asked
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        if host == "redis.test" and not release.wait(10):
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real_getaddrinfo("127.0.0.1", port, *args, **kwargs)
+
+    monkeypatch.setattr(broker.socket, "getaddrinfo", slow_getaddrinfo)
+    selector, timers = selectors.DefaultSelector(), Timers()
+    failures: list = []
+    link = RedisLink(parse_url(f"redis://redis.test:{redis_server.port}"), selector, timers, name="test",
+                     max_buffer_bytes=1024, on_fail=failures.append)
+
+    def turn():
+        for key, mask in selector.select(timers.timeout(time.monotonic())):
+            key.data.on_event(mask)
+        timers.run_due(time.monotonic())
+
+    try:
+        link.start()
+        turn()
+        assert not release.is_set() and failures == []  # start() and the loop went on: the lookup waits
+        release.set()
+        wait_until(lambda: turn() or link.state == UP, timeout=10, what="the link up once the name resolved")
+        assert failures == []
+    finally:
+        release.set()
+        link.close()
+        selector.close()
+
+
+def test_the_redis_fixture_leaves_no_server_running_when_the_tests_are_killed(tmp_path):
+    """A test run killed outright (`timeout` sends SIGTERM, a CI job is cancelled) runs no
+    teardown: the redis-server it started must die with it, not stay on the machine."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import REPO
+
+    script = tmp_path / "start_redis.py"
+    script.write_text("import sys, time\n"
+                      "from tests.redis_fixture import RedisServer\n"
+                      "server = RedisServer().start()\n"
+                      "print(server.proc.pid, flush=True)\n"
+                      "sys.stdin.read()\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    runner = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    redis_pid = 0
+    try:
+        redis_pid = int(runner.stdout.readline())
+        runner.kill()
+        runner.wait(10)
+
+        def gone() -> bool:
+            try:
+                return psutil.Process(redis_pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_until(gone, timeout=10, what="the redis-server of a killed test process to exit")
+    finally:
+        runner.kill()
+        if redis_pid and psutil.pid_exists(redis_pid):
+            try:
+                psutil.Process(redis_pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def test_a_name_lookup_that_cannot_start_a_thread_is_a_failed_attempt(monkeypatch):
+    """No thread for the lookup (a process at its thread limit) is an attempt that failed, retried
+    after the back-off: raised, it would escape into the server's loop and stop the server."""
+    import selectors
+    import threading
+    import time
+
+    from simplerpc_mp.broker import CONNECTING, DOWN, RedisLink, parse_url
+    from simplerpc_mp.timers import Timers
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    selector, timers = selectors.DefaultSelector(), Timers()
+    failures: list = []
+    link = RedisLink(parse_url("redis://redis.test:6379"), selector, timers, name="test", max_buffer_bytes=1024,
+                     on_fail=failures.append)
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    try:
+        link.start()
+        assert link.state in (DOWN, CONNECTING)
+        wait_until(lambda: timers.run_due(time.monotonic()) or failures, timeout=10, what="the failed attempt")
+        assert "can't start new thread" in failures[0]
+    finally:
+        monkeypatch.undo()
         link.close()
         selector.close()
