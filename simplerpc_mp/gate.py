@@ -164,7 +164,7 @@ class Gatekeeper:
             return
         try:
             data = json.loads(brace + body)
-        except ValueError:
+        except (ValueError, RecursionError):  # (a few KiB of "[" nest past the recursion limit)
             data = None
         if not isinstance(data, dict):
             self._refuse_auth(conn, "the auth frame's data is not a JSON object")

@@ -313,6 +313,17 @@ def test_a_bad_or_missing_token_gets_unauthorized_and_the_connection_is_closed(t
     token_server.wait_log(r"authentication failed from \('127\.0\.0\.1', \d+\)")
 
 
+def test_an_auth_frame_nested_past_the_recursion_limit_is_refused_and_the_server_goes_on(token_server):
+    """json.loads raises RecursionError, not ValueError, for deep nesting: one unauthenticated
+    frame of a few KiB ended the acceptor (and every connection with it)."""
+    with raw(token_server) as sock:
+        sock.sendall(b'auth{"token":' + b"[" * 5000 + b"\n")
+        answer = closed_by_server(sock)
+    assert answer.startswith(b"FAIL") and json.loads(answer[4:])["reason"] == "Unauthorized", answer
+    with Client(token_server.host, token_server.port, token=GOOD_TOKEN) as client:
+        assert client.call("echo", {"after": 1}) == {"after": 1}
+
+
 def test_the_client_raises_unauthorized_for_a_wrong_token_and_for_a_call_without_one(token_server):
     with pytest.raises(RemoteError) as refused:
         Client(token_server.host, token_server.port, token="guess")
