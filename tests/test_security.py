@@ -404,6 +404,23 @@ def test_on_auth_refuses_with_its_own_reason_then_closes(on_auth_server):
         assert json.loads(closed_by_server(sock)[4:])["reason"] == "Unauthorized"
 
 
+def test_an_identity_nested_too_deep_for_the_acceptor_is_refused_and_the_server_goes_on(on_auth_server):
+    """The acceptor decodes on_auth's identity and pickles it into every job, deeper in its stack
+    than the worker that encoded it: an identity nested ~900 levels ended the acceptor."""
+    socks = [raw(on_auth_server) for _ in range(12)]
+    for depth, sock in zip(range(850, 1000, 13), socks):
+        sock.sendall(b'auth{"nest":%d}\nwhoami{}\n' % depth)
+    for sock in socks:
+        with sock:
+            answer = closed_by_server(sock)
+        assert answer.count(b"\n") == 1 and json.loads(answer[4:])["reason"] == "Unknown", answer
+    with raw(on_auth_server) as sock:  # 100 levels is still an identity
+        sock.sendall(b'auth{"nest":100}\n')
+        assert read_lines(sock, 1)[0].startswith(b'OKAY{"identity":[[[')
+    with Client(on_auth_server.host, on_auth_server.port) as client:
+        assert client.call("auth", {"user": "bob", "password": "builder"})["identity"]["user"] == "bob"
+
+
 # -- clients, CLI, reload, warnings -----------------------------------------------------------------
 
 
