@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import selectors
 import signal
 import socket
@@ -507,6 +508,40 @@ def test_hup_rotates_tokens_and_the_certificate(full_server, pki):
     with pytest.raises(ssl.SSLCertVerificationError):  # the old certificate is no longer served
         Client(full_server.host, full_server.port, ssl=context(pki, client=alice), token="rotated-token")
     assert "rotated-token" not in full_server.log()
+
+
+def test_an_encrypted_key_at_hup_is_refused_without_waiting_for_a_pass_phrase(pki, tmp_path):
+    """OpenSSL asks for an encrypted key's pass phrase on the controlling terminal: a server run
+    from a shell blocked its whole loop there at the HUP. It is logged, the old context kept."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert = _write(tmp_path / "server.pem", open(pki.cert, "rb").read(), 0o644)
+    key = _write(tmp_path / "server.key", open(pki.key, "rb").read())
+    master, slave = pty.openpty()
+    terminal = os.ttyname(slave)
+
+    def with_a_terminal():  # as a server started from a shell has
+        os.setsid()
+        os.open(terminal, os.O_RDWR)  # a session leader's first terminal becomes its controlling one
+
+    server = RunningServer(["--host", "127.0.0.1", "--port", "0", "--workers", "1", "--handlers", "tests.handlers.sec_ops",
+                            "--certfile", cert, "--keyfile", key], preexec_fn=with_a_terminal)
+    try:
+        server.wait_ready()
+        with Client(server.host, server.port, ssl=context(pki)) as client:
+            private = serialization.load_pem_private_key(open(pki.key, "rb").read(), None)
+            _write(tmp_path / "server.key", private.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"pass phrase")))
+            server.send(signal.SIGHUP)
+            server.wait_log(r"reload: TLS context not changed: .*the private key is encrypted")
+            assert client.call("echo", {"after": "hup"}, timeout=10) == {"after": "hup"}
+        with Client(server.host, server.port, ssl=context(pki)) as client:  # the old context serves
+            assert client.call("echo", {"new": "connection"}, timeout=10) == {"new": "connection"}
+    finally:
+        server.kill()  # (before the terminal goes: its hang-up would be a SIGHUP)
+        os.close(master)
+        os.close(slave)
 
 
 def test_a_non_loopback_bind_without_tls_or_auth_logs_one_warning(fresh_servers):
