@@ -306,8 +306,18 @@ class Gatekeeper:
             stream.queued = True
             self.read_ready.append(conn)
 
-    def _add_tls_connection(self, net_id: int, sock: socket.socket, peer) -> Connection:
-        ssl_sock = self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    def _add_tls_connection(self, net_id: int, sock: socket.socket, peer) -> Connection | None:
+        try:
+            ssl_sock = self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:
+            # wrap_socket looks at the peer: a connection reset while it waited to be accepted
+            # raises here (ECONNRESET; SSLError for one that sent bytes before it went).
+            self._gone_before_handshake(peer, exc)
+            return None
+        if ssl_sock._sslobj is None:  # (the same, when the reset left no error to report)
+            ssl_sock.close()
+            self._gone_before_handshake(peer, "not connected")
+            return None
         conn = self._tls_connection(self, net_id, ssl_sock, peer, self.settings.max_frame_bytes, self.now)
         conn.disconnect_queued = True  # until admitted
         self.gated[net_id] = conn
@@ -316,6 +326,11 @@ class Gatekeeper:
         log.debug("net_id %s connected from %s (TLS)", net_id, peer)
         self.tls_handshake(conn)
         return conn
+
+    def _gone_before_handshake(self, peer, why) -> None:
+        self.tls_failures += 1
+        self.log_limit.log(log, "tls handshake failed", logging.INFO,
+                           "connection from %s gone before its TLS handshake: %s", peer, why)
 
     def _close_gated(self, conn: Connection) -> None:
         if conn.gate is not None:

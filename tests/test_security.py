@@ -14,6 +14,7 @@ import selectors
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -247,6 +248,26 @@ def test_silent_and_trickling_handshakes_are_closed_at_the_timeout_while_others_
         closed_by_server(silent)
         assert client.call("echo", {"after": True}) == {"after": True}
     tls_server.wait_log(r"not finished within 1\.5s \(tls_handshake_timeout\)", count=2)
+
+
+def test_connections_reset_before_they_are_accepted_do_not_end_a_tls_server(fresh_servers, pki):
+    """wrap_socket looks at the peer: for a connection reset while it waited in the listen queue
+    it raised ConnectionResetError, which ended the acceptor (a port scan, a client timing out)."""
+    server = fresh_servers.start("--handlers", "tests.handlers.sec_ops", "--certfile", pki.cert, "--keyfile", pki.key)
+    server.send(signal.SIGSTOP)  # nothing is accepted meanwhile: every reset comes first
+    try:
+        for n in range(20):
+            sock = raw(server)
+            if n % 2:
+                sock.sendall(b"\x16\x03\x01")  # (some bytes of a ClientHello before the reset)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset (RST), not a FIN
+        raw(server).close()  # and one closed the usual way
+    finally:
+        server.send(signal.SIGCONT)
+    with Client(server.host, server.port, ssl=context(pki)) as client:
+        assert client.call("echo", {"after": "resets"}) == {"after": "resets"}
+    assert server.proc.poll() is None
 
 
 # -- mutual TLS -------------------------------------------------------------------------------
