@@ -119,6 +119,7 @@ class Gatekeeper:
         self.gated.pop(conn.net_id, None)
         self.conns[conn.net_id] = conn
         conn.disconnect_queued = False
+        conn.last_active = self.now  # idle from here: the TLS handshake and authentication took their own time
         if self.has_connect:
             conn.queue.append(Job(conn, ipc.CONNECT, conn.next_seq, 0, b""))
             self.advance(conn)

@@ -25,6 +25,9 @@ import pytest
 import trustme
 
 from simplerpc_mp import AsyncClient, Client, ClientHandler, RemoteError
+from simplerpc_mp.acceptor import OPEN, Acceptor
+from simplerpc_mp.config import Settings
+from simplerpc_mp.timers import Timers
 from tests.conftest import REPO, RunningServer, wait_until
 
 GOOD_TOKEN = "s3cret-alice"
@@ -386,6 +389,32 @@ def test_unauthenticated_connections_count_against_max_connections(fresh_servers
         assert refused.value.reason == "TooManyConnections"
         first.sendall(b'auth{"token":"%s"}\n' % GOOD_TOKEN.encode())
         assert read_lines(first, 1)[0].startswith(b"OKAY")
+
+
+def test_an_authenticated_connection_is_idle_from_its_authentication_not_from_its_accept(tmp_path):
+    """The idle sweep counted from the accept: a client that took longer than idle_timeout to
+    authenticate (a TLS handshake, then its token; a slow on_auth) was closed by the next sweep,
+    right after its OKAY. Driven by hand, with the acceptor's clock set."""
+    tokens = _write(tmp_path / "tokens", f"alice:{GOOD_TOKEN}\n".encode())
+    settings = Settings().with_changes(idle_timeout=1.0, auth_tokens_file=tokens)
+    with selectors.DefaultSelector() as selector:
+        acceptor = Acceptor(settings, selector, Timers())
+        acceptor.set_handler_info({"concurrent": [], "connect": False, "disconnect": False})
+        acceptor.now = 100.0
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            sock, peer = listener.accept()
+        conn = acceptor.add_connection(sock, peer)
+        with client:
+            acceptor.now = 105.0  # its token comes 5 s later (within auth_timeout)
+            client.sendall(b'auth{"token":"%s"}\n' % GOOD_TOKEN.encode())
+            wait_until(lambda: acceptor.on_read(conn) or conn.gate is None, what="the auth frame read")
+            acceptor.flush()
+            assert read_lines(client, 1)[0].startswith(b"OKAY")
+            acceptor.now = 105.5
+            acceptor._sweep_idle()
+            assert conn.state == OPEN
+            acceptor.close(conn, "test")
 
 
 # -- @handlers.on_auth ---------------------------------------------------------------------------
