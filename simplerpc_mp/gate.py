@@ -224,6 +224,11 @@ class Gatekeeper:
         self._set_events(conn, conn.events & ~READ)
         frame = encode_fail(reason, message)
         if delay:
+            # The answer is decided: it goes out a second later even if auth_timeout would come
+            # first (which then still closes a connection whose answer cannot be written).
+            gate = conn.gate
+            gate.timer.cancel()
+            gate.timer = self.timers.call_later(auth.REFUSAL_DELAY_S + self.settings.auth_timeout, self._auth_timed_out, conn)
             self.timers.call_later(auth.REFUSAL_DELAY_S, self._send_refusal, conn, frame)
         else:
             self._send_refusal(conn, frame)

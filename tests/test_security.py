@@ -417,6 +417,28 @@ def test_an_authenticated_connection_is_idle_from_its_authentication_not_from_it
             acceptor.close(conn, "test")
 
 
+def test_a_refusal_held_back_is_still_sent_when_auth_timeout_comes_first(tmp_path):
+    """A wrong token sent in auth_timeout's last second: the answer, held back a second, was lost
+    to the auth_timeout close (no answer at all). Driven by hand, the timers run as if later."""
+    tokens = _write(tmp_path / "tokens", f"alice:{GOOD_TOKEN}\n".encode())
+    settings = Settings().with_changes(auth_timeout=0.5, auth_tokens_file=tokens)
+    with selectors.DefaultSelector() as selector:
+        acceptor = Acceptor(settings, selector, Timers())
+        acceptor.set_handler_info({"concurrent": [], "connect": False, "disconnect": False})
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            sock, peer = listener.accept()
+        conn = acceptor.add_connection(sock, peer)
+        with client:
+            client.sendall(b'auth{"token":"guess"}\n')
+            wait_until(lambda: acceptor.on_read(conn) or conn.gate.taken, what="the auth frame read")
+            acceptor.timers.run_due(time.monotonic() + 0.6)  # auth_timeout has passed
+            acceptor.timers.run_due(time.monotonic() + 1.1)  # and the refusal's second
+            acceptor.flush()
+            answer = closed_by_server(client)
+        assert answer.startswith(b"FAIL") and json.loads(answer[4:])["reason"] == "Unauthorized", answer
+
+
 # -- @handlers.on_auth ---------------------------------------------------------------------------
 
 
