@@ -295,6 +295,8 @@ class Gatekeeper:
         self.read_ready.clear()
         for conn in ready:
             stream = conn.sock
+            if type(stream) is socket.socket:
+                continue  # its Replay was read already (a selector event came first): nothing is hidden
             stream.queued = False
             if conn.state == OPEN and conn.events & READ:
                 self.on_read(conn)

@@ -25,6 +25,7 @@ import pytest
 import trustme
 
 from simplerpc_mp import AsyncClient, Client, ClientHandler, RemoteError
+from simplerpc_mp import ipc
 from simplerpc_mp.acceptor import OPEN, Acceptor
 from simplerpc_mp.config import Settings
 from simplerpc_mp.timers import Timers
@@ -437,6 +438,33 @@ def test_a_refusal_held_back_is_still_sent_when_auth_timeout_comes_first(tmp_pat
             acceptor.flush()
             answer = closed_by_server(client)
         assert answer.startswith(b"FAIL") and json.loads(answer[4:])["reason"] == "Unauthorized", answer
+
+
+def test_a_replay_read_by_a_selector_event_before_its_read_ready_turn_does_not_end_the_acceptor():
+    """on_auth's OKAY can come from a timer (sweep_journal, a worker holding it back behind a slow
+    RPC): the bytes pipelined behind the auth frame wait in read_ready for the next loop pass,
+    and a selector event of the connection can read them first. read_ready then held a plain
+    connection whose socket had no ``queued``: AttributeError in the acceptor's loop."""
+    with selectors.DefaultSelector() as selector:
+        acceptor = Acceptor(Settings(), selector, Timers())
+        acceptor.set_handler_info({"concurrent": [], "connect": False, "disconnect": False, "auth": True})
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            sock, peer = listener.accept()
+        conn = acceptor.add_connection(sock, peer)
+        with client:
+            client.sendall(b'auth{"user":"bob"}\necho{"n":1}\n')
+            wait_until(lambda: acceptor.on_read(conn) or conn.gate.taken, what="the auth frame read")
+            [job] = acceptor.scheduler.take_batch(10)
+            acceptor.on_reply(job, 0, 1, b'OKAY{"identity":"bob"}\n', [], ipc.UNCHANGED)  # (as from a timer)
+            acceptor.job_done(job)
+            assert acceptor.read_ready == [conn]
+            acceptor.on_read(conn)  # a selector event first: it reads echo{"n":1}
+            assert conn.next_seq == 2
+            acceptor.serve_read_ready()
+            client.sendall(b'echo{"n":2}\n')
+            wait_until(lambda: acceptor.on_read(conn) or conn.next_seq == 3, what="the next frame read")
+            acceptor.close(conn, "test")
 
 
 # -- @handlers.on_auth ---------------------------------------------------------------------------
