@@ -353,7 +353,7 @@ class Acceptor(Gatekeeper, Fanout):
             for listener in self.listeners:
                 self.selector.register(listener.sock, READ, listener)
 
-    def add_connection(self, sock: socket.socket, peer) -> Connection:
+    def add_connection(self, sock: socket.socket, peer) -> Connection | None:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         net_id = self.next_net_id

@@ -119,6 +119,7 @@ class Gatekeeper:
         self.gated.pop(conn.net_id, None)
         self.conns[conn.net_id] = conn
         conn.disconnect_queued = False
+        conn.last_active = self.now  # idle from here: the TLS handshake and authentication took their own time
         if self.has_connect:
             conn.queue.append(Job(conn, ipc.CONNECT, conn.next_seq, 0, b""))
             self.advance(conn)
@@ -164,7 +165,7 @@ class Gatekeeper:
             return
         try:
             data = json.loads(brace + body)
-        except ValueError:
+        except (ValueError, RecursionError):  # (a few KiB of "[" nest past the recursion limit)
             data = None
         if not isinstance(data, dict):
             self._refuse_auth(conn, "the auth frame's data is not a JSON object")
@@ -223,6 +224,11 @@ class Gatekeeper:
         self._set_events(conn, conn.events & ~READ)
         frame = encode_fail(reason, message)
         if delay:
+            # The answer is decided: it goes out a second later even if auth_timeout would come
+            # first (which then still closes a connection whose answer cannot be written).
+            gate = conn.gate
+            gate.timer.cancel()
+            gate.timer = self.timers.call_later(auth.REFUSAL_DELAY_S + self.settings.auth_timeout, self._auth_timed_out, conn)
             self.timers.call_later(auth.REFUSAL_DELAY_S, self._send_refusal, conn, frame)
         else:
             self._send_refusal(conn, frame)
@@ -289,6 +295,8 @@ class Gatekeeper:
         self.read_ready.clear()
         for conn in ready:
             stream = conn.sock
+            if type(stream) is socket.socket:
+                continue  # its Replay was read already (a selector event came first): nothing is hidden
             stream.queued = False
             if conn.state == OPEN and conn.events & READ:
                 self.on_read(conn)
@@ -306,8 +314,18 @@ class Gatekeeper:
             stream.queued = True
             self.read_ready.append(conn)
 
-    def _add_tls_connection(self, net_id: int, sock: socket.socket, peer) -> Connection:
-        ssl_sock = self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    def _add_tls_connection(self, net_id: int, sock: socket.socket, peer) -> Connection | None:
+        try:
+            ssl_sock = self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:
+            # wrap_socket looks at the peer: a connection reset while it waited to be accepted
+            # raises here (ECONNRESET; SSLError for one that sent bytes before it went).
+            self._gone_before_handshake(peer, exc)
+            return None
+        if ssl_sock._sslobj is None:  # (the same, when the reset left no error to report)
+            ssl_sock.close()
+            self._gone_before_handshake(peer, "not connected")
+            return None
         conn = self._tls_connection(self, net_id, ssl_sock, peer, self.settings.max_frame_bytes, self.now)
         conn.disconnect_queued = True  # until admitted
         self.gated[net_id] = conn
@@ -316,6 +334,11 @@ class Gatekeeper:
         log.debug("net_id %s connected from %s (TLS)", net_id, peer)
         self.tls_handshake(conn)
         return conn
+
+    def _gone_before_handshake(self, peer, why) -> None:
+        self.tls_failures += 1
+        self.log_limit.log(log, "tls handshake failed", logging.INFO,
+                           "connection from %s gone before its TLS handshake: %s", peer, why)
 
     def _close_gated(self, conn: Connection) -> None:
         if conn.gate is not None:

@@ -55,10 +55,13 @@ def server_context(certfile: str, keyfile: str = "", ca_certs: str = "") -> ssl.
         check_readable(name, path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    what = f"certfile {certfile}" + (f" / keyfile {keyfile}" if keyfile else "")
     try:
-        context.load_cert_chain(certfile, keyfile or None)
+        context.load_cert_chain(certfile, keyfile or None, password=_no_pass_phrase)
+    except _EncryptedKey:
+        raise TLSError(f"{what}: the private key is encrypted, and the server has no way to ask for its pass phrase "
+                       "(store it unencrypted, readable by the server's user only)") from None
     except (ssl.SSLError, OSError) as exc:
-        what = f"certfile {certfile}" + (f" / keyfile {keyfile}" if keyfile else "")
         raise TLSError(f"{what}: not a usable PEM certificate chain and matching private key "
                        f"({getattr(exc, 'reason', None) or exc.strerror or exc})") from None
     if ca_certs:
@@ -69,6 +72,16 @@ def server_context(certfile: str, keyfile: str = "", ca_certs: str = "") -> ssl.
                            f"({getattr(exc, 'reason', None) or exc.strerror or exc})") from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_pass_phrase():
+    # Without a password callback OpenSSL asks for the pass phrase on the controlling terminal:
+    # a server started from a shell would block its loop there, at start and at every SIGHUP.
+    raise _EncryptedKey
 
 
 def check_readable(name: str, path: str) -> None:

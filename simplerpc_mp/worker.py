@@ -45,6 +45,10 @@ RECV_BYTES = 64 * 1024
 DEFAULT_MAX_ANSWER_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_SESSION_BYTES = 4 * 1024 * 1024
 _UNKNOWN_ANSWER = encode_fail(UNKNOWN_REASON, UNKNOWN_MESSAGE)
+# An identity from on_auth goes back through the acceptor, which decodes it and pickles it into
+# every job of the connection, deeper in its stack than here: a value nested near the recursion
+# limit that this worker could encode ended the acceptor with a RecursionError.
+MAX_IDENTITY_DEPTH = 100
 
 
 def worker_main(sock, board, journal, claim_lock, handlers_spec, options: dict, limits: dict, worker_id: int,
@@ -451,6 +455,8 @@ class Worker:
         try:
             _, data = decode_frame(line[:-1] if line.endswith(b"\n") else line)
             identity = self.handlers.auth_fn(conn, data)
+            if _nested_deeper(identity, MAX_IDENTITY_DEPTH):
+                raise ValueError(f"on_auth returned an identity nested more than {MAX_IDENTITY_DEPTH} levels deep")
             return encode_okay({"identity": identity})
         except SimpleRPCException as exc:
             return self.fail_answer(exc, "<on_auth>", conn)
@@ -470,3 +476,15 @@ class Worker:
         except Exception:  # a hook has no answer to carry the error: log it
             name = "on_connect" if kind == ipc.CONNECT else "on_disconnect"
             log.exception("%s handler failed (net_id %s, pid %s)", name, conn.net_id, self.pid)
+
+
+def _nested_deeper(value, limit: int) -> bool:
+    """Are lists, tuples or dicts nested more than ``limit`` levels in ``value``? (No recursion.)"""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, tuple, dict)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False

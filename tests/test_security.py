@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import selectors
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -23,6 +25,10 @@ import pytest
 import trustme
 
 from simplerpc_mp import AsyncClient, Client, ClientHandler, RemoteError
+from simplerpc_mp import ipc
+from simplerpc_mp.acceptor import OPEN, Acceptor
+from simplerpc_mp.config import Settings
+from simplerpc_mp.timers import Timers
 from tests.conftest import REPO, RunningServer, wait_until
 
 GOOD_TOKEN = "s3cret-alice"
@@ -248,6 +254,26 @@ def test_silent_and_trickling_handshakes_are_closed_at_the_timeout_while_others_
     tls_server.wait_log(r"not finished within 1\.5s \(tls_handshake_timeout\)", count=2)
 
 
+def test_connections_reset_before_they_are_accepted_do_not_end_a_tls_server(fresh_servers, pki):
+    """wrap_socket looks at the peer: for a connection reset while it waited in the listen queue
+    it raised ConnectionResetError, which ended the acceptor (a port scan, a client timing out)."""
+    server = fresh_servers.start("--handlers", "tests.handlers.sec_ops", "--certfile", pki.cert, "--keyfile", pki.key)
+    server.send(signal.SIGSTOP)  # nothing is accepted meanwhile: every reset comes first
+    try:
+        for n in range(20):
+            sock = raw(server)
+            if n % 2:
+                sock.sendall(b"\x16\x03\x01")  # (some bytes of a ClientHello before the reset)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset (RST), not a FIN
+        raw(server).close()  # and one closed the usual way
+    finally:
+        server.send(signal.SIGCONT)
+    with Client(server.host, server.port, ssl=context(pki)) as client:
+        assert client.call("echo", {"after": "resets"}) == {"after": "resets"}
+    assert server.proc.poll() is None
+
+
 # -- mutual TLS -------------------------------------------------------------------------------
 
 
@@ -313,6 +339,17 @@ def test_a_bad_or_missing_token_gets_unauthorized_and_the_connection_is_closed(t
     token_server.wait_log(r"authentication failed from \('127\.0\.0\.1', \d+\)")
 
 
+def test_an_auth_frame_nested_past_the_recursion_limit_is_refused_and_the_server_goes_on(token_server):
+    """json.loads raises RecursionError, not ValueError, for deep nesting: one unauthenticated
+    frame of a few KiB ended the acceptor (and every connection with it)."""
+    with raw(token_server) as sock:
+        sock.sendall(b'auth{"token":' + b"[" * 5000 + b"\n")
+        answer = closed_by_server(sock)
+    assert answer.startswith(b"FAIL") and json.loads(answer[4:])["reason"] == "Unauthorized", answer
+    with Client(token_server.host, token_server.port, token=GOOD_TOKEN) as client:
+        assert client.call("echo", {"after": 1}) == {"after": 1}
+
+
 def test_the_client_raises_unauthorized_for_a_wrong_token_and_for_a_call_without_one(token_server):
     with pytest.raises(RemoteError) as refused:
         Client(token_server.host, token_server.port, token="guess")
@@ -355,6 +392,81 @@ def test_unauthenticated_connections_count_against_max_connections(fresh_servers
         assert read_lines(first, 1)[0].startswith(b"OKAY")
 
 
+def test_an_authenticated_connection_is_idle_from_its_authentication_not_from_its_accept(tmp_path):
+    """The idle sweep counted from the accept: a client that took longer than idle_timeout to
+    authenticate (a TLS handshake, then its token; a slow on_auth) was closed by the next sweep,
+    right after its OKAY. Driven by hand, with the acceptor's clock set."""
+    tokens = _write(tmp_path / "tokens", f"alice:{GOOD_TOKEN}\n".encode())
+    settings = Settings().with_changes(idle_timeout=1.0, auth_tokens_file=tokens)
+    with selectors.DefaultSelector() as selector:
+        acceptor = Acceptor(settings, selector, Timers())
+        acceptor.set_handler_info({"concurrent": [], "connect": False, "disconnect": False})
+        acceptor.now = 100.0
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            sock, peer = listener.accept()
+        conn = acceptor.add_connection(sock, peer)
+        with client:
+            acceptor.now = 105.0  # its token comes 5 s later (within auth_timeout)
+            client.sendall(b'auth{"token":"%s"}\n' % GOOD_TOKEN.encode())
+            wait_until(lambda: acceptor.on_read(conn) or conn.gate is None, what="the auth frame read")
+            acceptor.flush()
+            assert read_lines(client, 1)[0].startswith(b"OKAY")
+            acceptor.now = 105.5
+            acceptor._sweep_idle()
+            assert conn.state == OPEN
+            acceptor.close(conn, "test")
+
+
+def test_a_refusal_held_back_is_still_sent_when_auth_timeout_comes_first(tmp_path):
+    """A wrong token sent in auth_timeout's last second: the answer, held back a second, was lost
+    to the auth_timeout close (no answer at all). Driven by hand, the timers run as if later."""
+    tokens = _write(tmp_path / "tokens", f"alice:{GOOD_TOKEN}\n".encode())
+    settings = Settings().with_changes(auth_timeout=0.5, auth_tokens_file=tokens)
+    with selectors.DefaultSelector() as selector:
+        acceptor = Acceptor(settings, selector, Timers())
+        acceptor.set_handler_info({"concurrent": [], "connect": False, "disconnect": False})
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            sock, peer = listener.accept()
+        conn = acceptor.add_connection(sock, peer)
+        with client:
+            client.sendall(b'auth{"token":"guess"}\n')
+            wait_until(lambda: acceptor.on_read(conn) or conn.gate.taken, what="the auth frame read")
+            acceptor.timers.run_due(time.monotonic() + 0.6)  # auth_timeout has passed
+            acceptor.timers.run_due(time.monotonic() + 1.1)  # and the refusal's second
+            acceptor.flush()
+            answer = closed_by_server(client)
+        assert answer.startswith(b"FAIL") and json.loads(answer[4:])["reason"] == "Unauthorized", answer
+
+
+def test_a_replay_read_by_a_selector_event_before_its_read_ready_turn_does_not_end_the_acceptor():
+    """on_auth's OKAY can come from a timer (sweep_journal, a worker holding it back behind a slow
+    RPC): the bytes pipelined behind the auth frame wait in read_ready for the next loop pass,
+    and a selector event of the connection can read them first. read_ready then held a plain
+    connection whose socket had no ``queued``: AttributeError in the acceptor's loop."""
+    with selectors.DefaultSelector() as selector:
+        acceptor = Acceptor(Settings(), selector, Timers())
+        acceptor.set_handler_info({"concurrent": [], "connect": False, "disconnect": False, "auth": True})
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            sock, peer = listener.accept()
+        conn = acceptor.add_connection(sock, peer)
+        with client:
+            client.sendall(b'auth{"user":"bob"}\necho{"n":1}\n')
+            wait_until(lambda: acceptor.on_read(conn) or conn.gate.taken, what="the auth frame read")
+            [job] = acceptor.scheduler.take_batch(10)
+            acceptor.on_reply(job, 0, 1, b'OKAY{"identity":"bob"}\n', [], ipc.UNCHANGED)  # (as from a timer)
+            acceptor.job_done(job)
+            assert acceptor.read_ready == [conn]
+            acceptor.on_read(conn)  # a selector event first: it reads echo{"n":1}
+            assert conn.next_seq == 2
+            acceptor.serve_read_ready()
+            client.sendall(b'echo{"n":2}\n')
+            wait_until(lambda: acceptor.on_read(conn) or conn.next_seq == 3, what="the next frame read")
+            acceptor.close(conn, "test")
+
+
 # -- @handlers.on_auth ---------------------------------------------------------------------------
 
 
@@ -391,6 +503,23 @@ def test_on_auth_refuses_with_its_own_reason_then_closes(on_auth_server):
     with raw(on_auth_server) as sock:
         sock.sendall(b'echo{"x":1}\n')
         assert json.loads(closed_by_server(sock)[4:])["reason"] == "Unauthorized"
+
+
+def test_an_identity_nested_too_deep_for_the_acceptor_is_refused_and_the_server_goes_on(on_auth_server):
+    """The acceptor decodes on_auth's identity and pickles it into every job, deeper in its stack
+    than the worker that encoded it: an identity nested ~900 levels ended the acceptor."""
+    socks = [raw(on_auth_server) for _ in range(12)]
+    for depth, sock in zip(range(850, 1000, 13), socks):
+        sock.sendall(b'auth{"nest":%d}\nwhoami{}\n' % depth)
+    for sock in socks:
+        with sock:
+            answer = closed_by_server(sock)
+        assert answer.count(b"\n") == 1 and json.loads(answer[4:])["reason"] == "Unknown", answer
+    with raw(on_auth_server) as sock:  # 100 levels is still an identity
+        sock.sendall(b'auth{"nest":100}\n')
+        assert read_lines(sock, 1)[0].startswith(b'OKAY{"identity":[[[')
+    with Client(on_auth_server.host, on_auth_server.port) as client:
+        assert client.call("auth", {"user": "bob", "password": "builder"})["identity"]["user"] == "bob"
 
 
 # -- clients, CLI, reload, warnings -----------------------------------------------------------------
@@ -479,6 +608,40 @@ def test_hup_rotates_tokens_and_the_certificate(full_server, pki):
     with pytest.raises(ssl.SSLCertVerificationError):  # the old certificate is no longer served
         Client(full_server.host, full_server.port, ssl=context(pki, client=alice), token="rotated-token")
     assert "rotated-token" not in full_server.log()
+
+
+def test_an_encrypted_key_at_hup_is_refused_without_waiting_for_a_pass_phrase(pki, tmp_path):
+    """OpenSSL asks for an encrypted key's pass phrase on the controlling terminal: a server run
+    from a shell blocked its whole loop there at the HUP. It is logged, the old context kept."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert = _write(tmp_path / "server.pem", open(pki.cert, "rb").read(), 0o644)
+    key = _write(tmp_path / "server.key", open(pki.key, "rb").read())
+    master, slave = pty.openpty()
+    terminal = os.ttyname(slave)
+
+    def with_a_terminal():  # as a server started from a shell has
+        os.setsid()
+        os.open(terminal, os.O_RDWR)  # a session leader's first terminal becomes its controlling one
+
+    server = RunningServer(["--host", "127.0.0.1", "--port", "0", "--workers", "1", "--handlers", "tests.handlers.sec_ops",
+                            "--certfile", cert, "--keyfile", key], preexec_fn=with_a_terminal)
+    try:
+        server.wait_ready()
+        with Client(server.host, server.port, ssl=context(pki)) as client:
+            private = serialization.load_pem_private_key(open(pki.key, "rb").read(), None)
+            _write(tmp_path / "server.key", private.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"pass phrase")))
+            server.send(signal.SIGHUP)
+            server.wait_log(r"reload: TLS context not changed: .*the private key is encrypted")
+            assert client.call("echo", {"after": "hup"}, timeout=10) == {"after": "hup"}
+        with Client(server.host, server.port, ssl=context(pki)) as client:  # the old context serves
+            assert client.call("echo", {"new": "connection"}, timeout=10) == {"new": "connection"}
+    finally:
+        server.kill()  # (before the terminal goes: its hang-up would be a SIGHUP)
+        os.close(master)
+        os.close(slave)
 
 
 def test_a_non_loopback_bind_without_tls_or_auth_logs_one_warning(fresh_servers):

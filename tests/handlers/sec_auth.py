@@ -15,6 +15,11 @@ class BadPassword(SimpleRPCException):
 
 @handlers.on_auth
 def check_password(conn, data):
+    if "nest" in data:  # an identity nested this deep (lists), for a test of the server's limit
+        identity = "bottom"
+        for _ in range(int(data["nest"])):
+            identity = [identity]
+        return identity
     user = data.get("user")
     if USERS.get(user) != data.get("password"):
         conn.rpc("leak", {"should": "never arrive"})  # pushes from on_auth are dropped
