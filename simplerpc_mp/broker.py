@@ -82,24 +82,40 @@ class RedisURL:
         return f"{scheme}://{user}{self.host}:{self.port}/{self.db}"
 
 
+def redact_url(text: str) -> str:
+    """``text`` with the password of its ``user:password@`` part replaced by ``***``: what
+    messages and ``check`` show of a ``cluster`` URL (the password never reaches a log)."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    authority, slash, path = rest.partition("/")
+    userinfo, at, hostport = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return text
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostport}{slash}{path}"
+
+
 def parse_url(text: str) -> RedisURL:
-    """``redis://[user:password@]host[:port][/db]`` or ``rediss://...``; raises ``RedisURLError``."""
+    """``redis://[user:password@]host[:port][/db]`` or ``rediss://...``; raises ``RedisURLError``
+    (whose message shows the URL without its password)."""
     parts = urlsplit(text)
+    shown = redact_url(text)
     if parts.scheme not in ("redis", "rediss"):
-        raise RedisURLError(f"cluster: expected a redis:// or rediss:// URL, got {text!r}")
+        raise RedisURLError(f"cluster: expected a redis:// or rediss:// URL, got {shown!r}")
     try:
         port = parts.port or DEFAULT_PORT
     except ValueError:
-        raise RedisURLError(f"cluster: bad port in {text!r}") from None
+        raise RedisURLError(f"cluster: bad port in {shown!r}") from None
     if not parts.hostname:
-        raise RedisURLError(f"cluster: no host in {text!r}")
+        raise RedisURLError(f"cluster: no host in {shown!r}")
     try:
         parts.hostname.encode("idna")  # as getaddrinfo will: an empty or too long label can't be looked up
     except UnicodeError:
-        raise RedisURLError(f"cluster: bad host name in {text!r}") from None
+        raise RedisURLError(f"cluster: bad host name in {shown!r}") from None
     path = parts.path.strip("/")
     if path and not path.isdigit():
-        raise RedisURLError(f"cluster: the path of {text!r} must be a database number, got {path!r}")
+        raise RedisURLError(f"cluster: the path of {shown!r} must be a database number, got {path!r}")
     query = parse_qs(parts.query)
     return RedisURL(
         host=parts.hostname,

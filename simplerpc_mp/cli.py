@@ -200,7 +200,12 @@ def check(config: Optional[str] = None, **values) -> None:
     def show(name: str, key: str) -> None:
         source = settings.sources[name]
         comment = "default" if source == "default" else "from " + source
-        typer.echo(f"{key:<{width}} = {_toml(getattr(settings, name)):<24} # {comment}")
+        value = getattr(settings, name)
+        if name == "cluster" and value:  # a Redis URL may hold a password: never print it
+            from .broker import redact_url
+
+            value = redact_url(value)
+        typer.echo(f"{key:<{width}} = {_toml(value):<24} # {comment}")
 
     # With options, the handlers go in the table form at the end (TOML refuses both forms).
     table_form = bool(settings.handler_options)

@@ -461,6 +461,11 @@ def test_check_tries_the_redis_connection(redis_server):
     done = check("redis://127.0.0.1:6379/x")
     assert done.returncode == 2
     assert "must be a database number" in done.stderr
+    # A password in the URL is never printed: not in the settings dump, not in an error.
+    for url in (f"redis://user:s3cret@127.0.0.1:{free_port()}/0", "redis://user:s3cret@127.0.0.1:bad/0"):
+        done = check(url)
+        assert "s3cret" not in done.stdout + done.stderr
+        assert "user:***@" in done.stdout + done.stderr
 
 
 def test_rediss_tls_to_redis(redis_server, nodes, tmp_path):

@@ -21,7 +21,7 @@ def check_password(conn, data):
             identity = [identity]
         return identity
     user = data.get("user")
-    if USERS.get(user) != data.get("password"):
+    if user not in USERS or USERS[user] != data.get("password"):  # (auth{} is no user None)
         conn.rpc("leak", {"should": "never arrive"})  # pushes from on_auth are dropped
         raise BadPassword(f"no such user or wrong password for {user!r}")
     identity = {"user": user, "role": "admin" if user == "alice" else "user"}
