@@ -36,6 +36,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
+from .config import redact_url
+
 log = logging.getLogger("simplerpc_mp.broker")
 
 __all__ = [
@@ -80,20 +82,6 @@ class RedisURL:
         scheme = "rediss" if self.tls else "redis"
         user = f"{self.username}:***@" if self.password else ""
         return f"{scheme}://{user}{self.host}:{self.port}/{self.db}"
-
-
-def redact_url(text: str) -> str:
-    """``text`` with the password of its ``user:password@`` part replaced by ``***``: what
-    messages and ``check`` show of a ``cluster`` URL (the password never reaches a log)."""
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        return text
-    authority, slash, path = rest.partition("/")
-    userinfo, at, hostport = authority.rpartition("@")
-    if not at or ":" not in userinfo:
-        return text
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostport}{slash}{path}"
 
 
 def parse_url(text: str) -> RedisURL:

@@ -27,8 +27,8 @@ from rich.markup import escape
 from rich.text import Text
 
 from .config import (
-    CONFIG_ENV, SETTINGS, ConfigError, Settings, render_default_toml, render_markdown, resolve, soft_limit_never_triggers,
-    where_from,
+    CONFIG_ENV, SETTINGS, ConfigError, Settings, redact_url, render_default_toml, render_markdown, resolve,
+    soft_limit_never_triggers, where_from,
 )
 from .logs import configure_logging
 from .protocol import JSON_CODEC, JSON_CODEC_ENV
@@ -202,8 +202,6 @@ def check(config: Optional[str] = None, **values) -> None:
         comment = "default" if source == "default" else "from " + source
         value = getattr(settings, name)
         if name == "cluster" and value:  # a Redis URL may hold a password: never print it
-            from .broker import redact_url
-
             value = redact_url(value)
         typer.echo(f"{key:<{width}} = {_toml(value):<24} # {comment}")
 

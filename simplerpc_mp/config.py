@@ -156,6 +156,21 @@ def _s(name: str, kind: type, default: Any, help: str, section: str, **kw: Any) 
     return Setting(name, kind, default, help, section, **kw)
 
 
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of its ``user:password@`` part replaced by ``***``: what
+    messages and ``check`` show of a ``cluster`` URL (the password never reaches a log)."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    authority, slash, path = rest.partition("/")
+    userinfo, at, hostport = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return text
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostport}{slash}{path}"
+
+
 SETTINGS: tuple[Setting, ...] = (
     # -- server
     _s("host", str, "127.0.0.1", "Address to listen on (0.0.0.0 for every interface).", "server"),
