@@ -152,7 +152,7 @@ class Collector:
 
 # Sections of Server.stats_providers with metrics of their own: key -> (metric, kind, help).
 _SECTION_METRICS = {
-    "rooms": {
+    "room_stats": {
         "rooms": ("simplerpc_rooms", "gauge", "Rooms with at least one member."),
         "room_members": ("simplerpc_room_members", "gauge", "Memberships (a connection in 3 rooms counts 3)."),
         "room_pushes": ("simplerpc_room_pushes_total", "counter", "Pushes to a room."),

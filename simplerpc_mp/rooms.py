@@ -156,13 +156,17 @@ class Rooms:
             shipped = self._frozen[net_id] = (self._versions, frozenset(rooms))
         return shipped
 
+    def largest(self, count: int = 10) -> list[dict]:
+        """The ``count`` rooms with the most members, largest first."""
+        top = heapq.nlargest(count, self.room_members.items(), key=lambda item: len(item[1]))
+        return [{"room": room, "members": len(members)} for room, members in top]
+
     def stats(self, largest: int = 10) -> dict:
         """Counts for stats/metrics: how many rooms, memberships, the largest rooms and pushes."""
-        top = heapq.nlargest(largest, self.room_members.items(), key=lambda item: len(item[1]))
         return {
             "rooms": len(self.room_members),
             "room_members": self.memberships,
-            "largest_rooms": [{"room": room, "members": len(members)} for room, members in top],
+            "largest_rooms": self.largest(largest),
             "room_pushes": self.pushes,
             "room_pushes_empty": self.pushes_empty,
             "room_deliveries": self.deliveries,

@@ -174,7 +174,12 @@ class Server:
             on_first_boot=self.acceptor.start_accepting, on_all_booted=self._on_ready,
         )
         self.started_at = time.monotonic()
-        self.stats_providers.setdefault("rooms", self.acceptor.rooms.stats)
+        # The room counts the rooms issue names at the top level (numbers), the rest as a section.
+        rooms = self.acceptor.rooms
+        self.stats_providers.setdefault("rooms", rooms.__len__)
+        self.stats_providers.setdefault("room_members", lambda: rooms.memberships)
+        self.stats_providers.setdefault("largest_rooms", rooms.largest)
+        self.stats_providers.setdefault("room_stats", rooms.stats)
         if self.cluster is not None:
             self.stats_providers.setdefault("cluster", self.cluster.stats)
         try:

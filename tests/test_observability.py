@@ -524,8 +524,11 @@ def test_rooms_are_a_section_of_stats_and_metrics(start_server, runtime_dir):
     with server.client() as a, server.client() as b:
         a.call("join", {"room": "lobby"})
         b.call("join", {"room": "lobby"})
-        rooms = snapshot(server)["rooms"]
-        assert rooms["rooms"] == 1 and rooms["room_members"] == 2
+        stats = snapshot(server)
+        # The rooms issue's keys at the top level: how many, the memberships, the largest rooms.
+        assert stats["rooms"] == 1 and stats["room_members"] == 2
+        assert stats["largest_rooms"] == [{"room": "lobby", "members": 2}]
+        assert stats["room_stats"]["room_joins"] == 2
         values = samples(scrape(port))
     assert values[("simplerpc_rooms", frozenset())] == 1
     assert values[("simplerpc_room_joins_total", frozenset())] == 2
