@@ -161,6 +161,10 @@ _SECTION_METRICS = {
         "room_leaves": ("simplerpc_room_leaves_total", "counter", "Leaves."),
         "room_joins_refused": ("simplerpc_room_joins_refused_total", "counter", "Joins past max_rooms_per_connection."),
     },
+    "security": {
+        "auth_failures": ("simplerpc_auth_failures_total", "counter", "Authentications refused (wrong token, on_auth refusal, a frame before auth)."),
+        "tls_failures": ("simplerpc_tls_handshake_failures_total", "counter", "TLS handshakes failed or timed out."),
+    },
     "cluster": {
         "outages": ("simplerpc_cluster_broker_outages_total", "counter", "Times the Redis link was lost."),
         "pushes_forwarded": ("simplerpc_cluster_pushes_forwarded_total", "counter", "Pushes sent to another node."),

@@ -180,6 +180,11 @@ class Server:
         self.stats_providers.setdefault("room_members", lambda: rooms.memberships)
         self.stats_providers.setdefault("largest_rooms", rooms.largest)
         self.stats_providers.setdefault("room_stats", rooms.stats)
+        acceptor = self.acceptor
+        self.stats_providers.setdefault("security", lambda: {
+            "tls": acceptor.tls_context is not None, "auth": acceptor.tokens is not None or acceptor.has_auth_fn,
+            "auth_failures": acceptor.auth_failures, "tls_failures": acceptor.tls_failures,
+        })
         if self.cluster is not None:
             self.stats_providers.setdefault("cluster", self.cluster.stats)
         try:

@@ -550,3 +550,23 @@ def test_cluster_section_becomes_metrics():
     assert families["simplerpc_cluster_pushes_forwarded"].type == "counter"
     dropped = {s.labels["reason"]: s.value for s in families["simplerpc_cluster_pushes_dropped"].samples}
     assert dropped == {"redis_down": 2, "buffer_full": 0, "no_node": 1}
+
+
+def test_refused_authentications_are_counted_in_stats_and_metrics(obs_server, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:right-token\n")
+    tokens.chmod(0o600)
+    port = _free_port()
+    server = obs_server("--auth-tokens-file", str(tokens), "--metrics-port", str(port))
+    assert snapshot(server)["security"] == {"tls": False, "auth": True, "auth_failures": 0, "tls_failures": 0}
+    for frame in (b'auth{"token": "wrong"}\n', b"echo{}\n"):  # a wrong token, a frame before auth
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(frame)
+            answer = sock.makefile("rb").readline()
+            assert answer.startswith(b"FAIL") and b"Unauthorized" in answer
+    security = wait_until(lambda: (s := snapshot(server)["security"])["auth_failures"] == 2 and s, 30, 0.05,
+                          "both refusals counted")
+    assert "right-token" not in json.dumps(snapshot(server))  # a token never reaches stats
+    values = samples(scrape(port))
+    assert values[("simplerpc_auth_failures_total", frozenset())] == security["auth_failures"]
+    assert values[("simplerpc_tls_handshake_failures_total", frozenset())] == 0
