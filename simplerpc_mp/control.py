@@ -84,7 +84,7 @@ class ControlProtocol:
 def parse_request(line: bytes) -> dict:
     try:
         value = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # (RecursionError: "[[[[..." nested deeper than the stack)
         raise ControlError("not a JSON object; expected one per line, like {\"cmd\": \"stats\"}") from None
     if not isinstance(value, dict) or not isinstance(value.get("cmd"), str):
         raise ControlError('expected a JSON object with a "cmd" string, like {"cmd": "stats"}')

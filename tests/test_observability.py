@@ -69,7 +69,8 @@ def test_control_protocol_splits_lines_and_refuses_garbage():
     protocol = ControlProtocol(max_request_bytes=64)
     assert protocol.feed(b'{"cmd": "st') == []
     assert protocol.feed(b'ats"}\n{"cmd": "reload"}\n') == [{"cmd": "stats"}, {"cmd": "reload"}]
-    for bad in (b"garbage\n", b"[1, 2]\n", b'{"cmd": 3}\n', b"\xff\xfe\n"):
+    for bad in (b"garbage\n", b"[1, 2]\n", b'{"cmd": 3}\n', b"\xff\xfe\n", b"[" * 16000 + b"\n",
+                b'{"cmd": "stats", "x": ' + b"[" * 16000 + b"\n"):
         with pytest.raises(ControlError):
             ControlProtocol().feed(bad)
     with pytest.raises(ControlError, match="longer than 64"):
@@ -192,6 +193,13 @@ def test_control_socket_refuses_garbage_huge_requests_and_non_readers_without_ha
             answer = sock.makefile("rb").readline()
             assert json.loads(answer)["ok"] is False
             assert sock.recv(10) == b""
+        # JSON nested deeper than the parser's recursion limit: refused like any garbage
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            sock.sendall(b"[" * 16000 + b"\n")
+            assert json.loads(sock.makefile("rb").readline())["ok"] is False
+        assert client.call("echo", {"after": "nesting"}) == {"after": "nesting"}
         # a huge request without a newline is cut off at the limit
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(10)
