@@ -164,7 +164,7 @@ class Gatekeeper:
             return
         try:
             data = json.loads(brace + body)
-        except ValueError:
+        except (ValueError, RecursionError):  # (RecursionError: nested deeper than the parser's stack)
             data = None
         if not isinstance(data, dict):
             self._refuse_auth(conn, "the auth frame's data is not a JSON object")
