@@ -549,6 +549,27 @@ def test_top_frame_stays_readable_with_64_workers():
     assert all(str(1000 + i) in text for i in range(8, 65, 8))
 
 
+def test_top_and_stats_show_no_control_characters_a_client_chose():
+    """An op name is the bytes a client sent before "{": an ESC in it reached the operator's
+    terminal through top and stats (rich strips only BEL, BS, VT, FF and CR)."""
+    from rich.console import Console
+
+    from simplerpc_mp.dashboard import Rates, stats_tables, top_frame
+
+    evil = "x\x1b]0;pwned\x07\x1b[2J\x9b"
+    snap = {"version": "t", "pid": 1, "uptime_s": 1.0, "connections": 1, "inflight": 1, "rpcs_total": 1,
+            "pushes_total": 0, "pushes_dropped": 0, "output_buffer_bytes": 0,
+            "workers": [{"worker_id": 1, "pid": 2, "state": "busy", "op": evil, "net_id": 3, "running_s": 1.0,
+                         "rpcs": 1, "cpu_percent": 1.0, "rss_bytes": 1, "age_s": 1.0}],
+            "ops": {"echo": {"count": 1, "fail": 1, "p50_ms": 1.0, "p99_ms": 1.0, "fails": {evil: 1}}},
+            "restarts": {"crashed": 0}, "closed": {evil: 1}, "recent_restarts": [], "cluster": {evil: evil}}
+    for view in (top_frame(snap, Rates().update(snap), height=40), stats_tables(snap)):
+        console = Console(width=200, record=True, force_terminal=False)
+        console.print(view)
+        text = console.export_text()
+        assert "x?]0;pwned??[2J?" in text and not any(ord(c) < 0x20 and c != "\n" or 0x7F <= ord(c) < 0xA0 for c in text)
+
+
 def test_closed_counts_by_reason(obs_server):
     server = obs_server("--idle-timeout", "0.3", "--max-connections", "1")
     with socket.create_connection((server.host, server.port)) as first:
