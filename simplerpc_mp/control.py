@@ -36,7 +36,8 @@ import stat
 from collections import deque
 
 __all__ = [
-    "ControlProtocol", "ControlError", "ControlServer", "default_path", "control_path", "request",
+    "ControlProtocol", "ControlError", "ControlServer", "default_path", "default_paths", "find_default", "control_path",
+    "request",
     "NoServer", "MAX_REQUEST_BYTES",
 ]
 
@@ -106,6 +107,30 @@ def default_path(port: int) -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     base = os.path.join(runtime, "simplerpc-mp") if runtime and os.path.isdir(runtime) else os.path.expanduser("~/.simplerpc-mp")
     return os.path.join(base, f"control-{port}.sock")
+
+
+def default_paths(port: int) -> list[str]:
+    """Where a server on ``port`` may have put its default socket, ``default_path`` first: the
+    server's environment may differ from the CLI's (a service or cron job without
+    $XDG_RUNTIME_DIR puts it in the home directory; a login shell has it set), so the CLI looks
+    in each. The systemd runtime directory of this user is tried when $XDG_RUNTIME_DIR is unset."""
+    paths = [default_path(port)]
+    for base in (os.path.expanduser("~/.simplerpc-mp"), f"/run/user/{os.getuid()}/simplerpc-mp"):
+        path = os.path.join(base, f"control-{port}.sock")
+        if path not in paths:
+            paths.append(path)
+    return paths
+
+
+def find_default(port: int) -> str:
+    """The first of ``default_paths`` where a socket exists, else ``default_path``."""
+    for path in default_paths(port):
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return path
+        except OSError:
+            continue
+    return default_path(port)
 
 
 def control_path(setting: str, port: int) -> str:

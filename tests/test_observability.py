@@ -291,6 +291,20 @@ def test_control_socket_off_and_found_through_config(obs_server, runtime_dir, tm
     assert snap["pid"] == other.pid
 
 
+def test_the_cli_finds_a_server_that_ran_without_xdg_runtime_dir(obs_server, runtime_dir):
+    """A server run without $XDG_RUNTIME_DIR (a service, cron) has its socket in the home
+    directory; a login shell has the variable set: the CLI looked only there, "no server"."""
+    home = os.path.join(runtime_dir, "home")
+    os.mkdir(home)
+    server = obs_server(env={"XDG_RUNTIME_DIR": "", "HOME": home})
+    assert os.path.exists(os.path.join(home, ".simplerpc-mp", f"control-{server.port}.sock"))
+    env = {**os.environ, "XDG_RUNTIME_DIR": runtime_dir, "HOME": home}
+    result = subprocess.run([sys.executable, "-m", "simplerpc_mp", "stats", "--json", "--port", str(server.port)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["pid"] == server.pid
+
+
 def test_scale_then_stats_shows_one_more_worker(obs_server, runtime_dir):
     os.mkdir(os.path.join(runtime_dir, "simplerpc-mp"), 0o755)  # the default directory, too open
     server = obs_server(workers=1)
