@@ -96,6 +96,9 @@ class Collector:
                                 value=snap["connections_gated"])
         yield CounterMetricFamily("simplerpc_connections_accepted_total", "Client connections accepted.",
                                   value=snap["connections_accepted_total"])
+        yield CounterMetricFamily("simplerpc_auth_failures_total",
+                                  "Authentications refused or not finished within auth_timeout.",
+                                  value=snap["auth_failures"])
         closed = CounterMetricFamily("simplerpc_connections_closed_total", "Client connections closed, by reason.",
                                      labels=["reason"])
         for reason, n in snap["closed"].items():

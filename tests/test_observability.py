@@ -454,6 +454,20 @@ def test_metrics_parse_and_carry_every_name_and_count(metrics_server):
     assert len(rss) == 2 and all(v > 0 for v in rss)
 
 
+def test_refused_authentications_show_in_stats_and_metrics(metrics_server, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:s3cret-token-for-tests\n")
+    os.chmod(tokens, 0o600)
+    server = metrics_server("--auth-tokens-file", str(tokens))
+    for _ in range(2):
+        with socket.create_connection((server.host, server.port)) as guesser:
+            guesser.settimeout(30)
+            guesser.sendall(b'auth{"token":"wrong"}\n')
+            assert b"Unauthorized" in guesser.makefile("rb").readline()
+    assert snapshot(server)["auth_failures"] == 2
+    assert samples(scrape(server.metrics_port))[("simplerpc_auth_failures_total", frozenset())] == 2
+
+
 def test_kill_9_shows_in_worker_restarts_total(metrics_server):
     server = metrics_server()
     victim = snapshot(server)["workers"][1]["pid"]
