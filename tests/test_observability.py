@@ -468,6 +468,22 @@ def test_refused_authentications_show_in_stats_and_metrics(metrics_server, tmp_p
     assert samples(scrape(server.metrics_port))[("simplerpc_auth_failures_total", frozenset())] == 2
 
 
+def test_a_refusal_overtaken_by_auth_timeout_is_one_auth_failure(obs_server, tmp_path):
+    """A wrong token's answer is held back a second; an auth_timeout shorter than that closed the
+    connection first and counted the same failure a second time."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:s3cret-token-for-tests\n")
+    os.chmod(tokens, 0o600)
+    server = obs_server("--auth-tokens-file", str(tokens), "--auth-timeout", "0.5")
+    with socket.create_connection((server.host, server.port)) as guesser:
+        guesser.settimeout(30)
+        guesser.sendall(b'auth{"token":"wrong"}\n')
+        guesser.makefile("rb").readline()  # the FAIL, or the close at auth_timeout
+        snap = wait_until(lambda: (s := snapshot(server)) and sum(s["closed"].values()) and s, 30, 0.05,
+                          "the close counted")
+    assert snap["auth_failures"] == 1, snap["closed"]
+
+
 def test_kill_9_shows_in_worker_restarts_total(metrics_server):
     server = metrics_server()
     victim = snapshot(server)["workers"][1]["pid"]
@@ -624,7 +640,7 @@ def test_a_refused_authentication_counts_as_unauthorized_not_client_closed(obs_s
         guesser.sendall(b'auth{"token":"wrong"}\n')
         assert b"Unauthorized" in guesser.makefile("rb").readline()
         assert guesser.recv(10) == b""  # the server closed it after the FAIL
-    closed = wait_until(lambda: (c := snapshot(server)["closed"]) if sum(c.values()) else None, 30, 0.05,
+    closed = wait_until(lambda: (c := snapshot(server)["closed"]) and sum(c.values()) and c, 30, 0.05,
                         "the close counted")
     assert closed.get("unauthorized") == 1 and closed["client_closed"] == 0, closed
 
