@@ -628,8 +628,9 @@ def test_closed_counts_by_reason(obs_server):
     assert closed["max_connections"] == 1 and closed["output_hard_limit"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="acceptor.py:908 counts the close after a refused auth as client_closed; "
-                   "the fix (in acceptor.py, being split) is to count it as unauthorized")
+@pytest.mark.xfail(strict=True, reason="acceptor.py:908 (_close_if_finished) counts the close after a refused auth as "
+                   "client_closed; fix (acceptor.py is being split): counted_as=\"unauthorized\" if conn.gate is not None "
+                   "and conn.gate.refused else \"client_closed\", then drop this mark")
 def test_a_refused_authentication_counts_as_unauthorized_not_client_closed(obs_server, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text("alice:s3cret-token-for-tests\n")
