@@ -501,12 +501,64 @@ def test_ten_thousand_unknown_op_names_leave_the_metrics_bounded(metrics_server)
         sock.sendall(b"".join(b"made_up_%d{}\n" % i for i in range(names)))
         answers = [reader.readline() for _ in range(names + 1)]  # the welcome push, then every answer
         assert sum(a.startswith(b"FAIL") for a in answers) == names
-    after = scrape(server.metrics_port)
+    key = ("simplerpc_rpcs_total", frozenset({("op", "<other>"), ("result", "UnknownOpcode")}))
+    # (a scrape within a second of the last one gets the same text: wait for a fresh one)
+    after = wait_until(lambda: (text := scrape(server.metrics_port)) and samples(text).get(key) == names and text,
+                       30, 0.2, "a scrape with every answer counted")
     assert b"made_up" not in after.encode()
     assert len(after) < len(before) + 2000  # the same series, with other numbers
     other = samples(after)[("simplerpc_rpcs_total", frozenset({("op", "<other>"), ("result", "UnknownOpcode")}))]
     assert other == names
     assert not [op for op in snapshot(server)["ops"] if op.startswith("made_up")]
+
+
+def test_scrapes_within_a_second_share_one_build():
+    """A build takes ~10 ms with 64 workers: scrapers in a tight loop, or 64 at once, held the
+    loop for a build each. Now at most one per MIN_BUILD_INTERVAL_S (a clock the test drives)."""
+    import selectors
+
+    from prometheus_client.core import GaugeMetricFamily
+
+    from simplerpc_mp.metrics import MIN_BUILD_INTERVAL_S, MetricsServer
+    from simplerpc_mp.timers import Timers
+
+    class Counting:
+        builds = 0
+
+        def collect(self):
+            Counting.builds += 1
+            yield GaugeMetricFamily("simplerpc_builds", "Builds.", value=Counting.builds)
+
+    now = [100.0]
+    selector = selectors.DefaultSelector()
+    server = MetricsServer("127.0.0.1", 0, selector, Timers(), Counting(), clock=lambda: now[0])
+
+    def get() -> bytes:
+        with socket.create_connection(server.address) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+            data = b""
+            for _ in range(1000):
+                for key, mask in selector.select(10):
+                    key.data.on_event(mask)
+                try:
+                    chunk = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    return data
+                data += chunk
+            raise AssertionError("no answer")
+
+    try:
+        answers = [get() for _ in range(5)]
+        assert Counting.builds == 1 and all(b"simplerpc_builds 1.0" in a for a in answers)
+        now[0] += MIN_BUILD_INTERVAL_S
+        assert b"simplerpc_builds 2.0" in get() and Counting.builds == 2
+    finally:
+        server.close()
+        selector.close()
 
 
 def test_a_hostile_scraper_does_not_stall_the_loop(metrics_server):
