@@ -441,6 +441,7 @@ class Acceptor(Gatekeeper, Fanout):
         ):
             tail.payload += payload
             tail.count += count
+            tail.op_stats = None  # (a remainder may carry its first op's counters: found again for all)
         else:
             job = Job(conn, kind, conn.next_seq, count, payload)
             job.arrived = self.now
@@ -767,7 +768,9 @@ class Acceptor(Gatekeeper, Fanout):
 
     def _close_if_finished(self, conn: Connection) -> None:
         if conn.state == EOF and not conn.queue and not conn.running and not conn.wbuf:
-            self.close(conn, "client closed its side", counted_as="client_closed")
+            # A refused authentication ends with its FAIL written and the read side shut.
+            refused = conn.gate is not None and conn.gate.refused
+            self.close(conn, "client closed its side", counted_as="unauthorized" if refused else "client_closed")
 
     def close(self, conn: Connection, reason: str, level: int = logging.DEBUG, kind: str = "", counted_as: str = "") -> None:
         """Close the socket now. Jobs already received still run; their answers are dropped.

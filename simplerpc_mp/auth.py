@@ -108,12 +108,13 @@ def is_loopback(host: str) -> bool:
 class Gate:
     """A connection's state until it authenticates (``Connection.gate``; None once it has)."""
 
-    __slots__ = ("buf", "timer", "taken")
+    __slots__ = ("buf", "timer", "taken", "refused")
 
     def __init__(self):
         self.buf = bytearray()  # bytes read before the auth frame's line end
         self.timer = None  # auth_timeout
         self.taken = False  # the auth frame was read; nothing more is read until it is decided
+        self.refused = False  # answered (or about to be) FAIL: counted once in auth_failures
 
 
 class Replay:

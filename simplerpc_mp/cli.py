@@ -678,7 +678,7 @@ _CONFIG_OPTION = typer.Option(None, "--config", "-c", help="The server's TOML co
 
 def _control_socket_of(control_socket: Optional[str], port: Optional[int], config: Optional[str]) -> str:
     """The control socket to use: the given one, or where the server of --port/--config has it."""
-    from .control import control_path
+    from .control import AUTO, control_path, find_default
 
     if control_socket:
         return control_socket
@@ -687,8 +687,11 @@ def _control_socket_of(control_socket: Optional[str], port: Optional[int], confi
     path = control_path(settings.control_socket, settings.port)
     if not path:
         _fail("control_socket is off (empty) for that server: no control socket to talk to", EXIT_NO_SERVER)
-    if settings.control_socket == "auto" and settings.port == 0:
-        _fail("the server's port is 0 (picked when it starts): give --port PORT or --control-socket PATH", EXIT_NO_SERVER)
+    if settings.control_socket == AUTO:
+        if settings.port == 0:
+            _fail("the server's port is 0 (picked when it starts): give --port PORT or --control-socket PATH", EXIT_NO_SERVER)
+        # (the server may have run with another $XDG_RUNTIME_DIR than ours, or none)
+        path = find_default(settings.port)
     return path
 
 

@@ -463,7 +463,7 @@ class Cluster:
             _, _, info = value.partition(b" ")
             try:
                 info = json.loads(info)
-            except ValueError:
+            except (ValueError, RecursionError):  # (RecursionError: nested deeper than the parser's stack)
                 continue
             if isinstance(info, dict):  # (anyone who can write to the Redis can put anything there)
                 nodes[key[prefix:].decode("utf-8", "replace")] = info

@@ -17,9 +17,11 @@ The protocol, one JSON object per line each way (``ControlProtocol``, no I/O)::
 
 A client that misbehaves costs the loop little and holds nothing for long: a request line is at
 most ``MAX_REQUEST_BYTES``; garbage gets one error line and the connection closes; at most
-``MAX_REQUESTS_PER_READ`` requests are served per read; a client that does not read its answers
-is dropped once ``MAX_OUTPUT_BYTES`` wait for it, or when an answer has waited
-``WRITE_TIMEOUT_S``; at most ``MAX_CLIENTS`` are connected at once.
+``MAX_REQUESTS_PER_READ`` requests may wait for their turn; one request is served per loop
+pass, and none while its answer is unsent (the socket is not read meanwhile: a stats of 64
+workers takes milliseconds, and 64 of them from one write held the loop for all of them); a
+client that does not read its answers is dropped once ``MAX_OUTPUT_BYTES`` wait for it, or when
+an answer has waited ``WRITE_TIMEOUT_S``; at most ``MAX_CLIENTS`` are connected at once.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ import os
 import selectors
 import socket
 import stat
+from collections import deque
 
 __all__ = [
-    "ControlProtocol", "ControlError", "ControlServer", "default_path", "control_path", "request",
+    "ControlProtocol", "ControlError", "ControlServer", "default_path", "default_paths", "find_default", "control_path",
+    "request",
     "NoServer", "MAX_REQUEST_BYTES",
 ]
 
@@ -84,7 +88,7 @@ class ControlProtocol:
 def parse_request(line: bytes) -> dict:
     try:
         value = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # (RecursionError: "[[[[..." nested deeper than the stack)
         raise ControlError("not a JSON object; expected one per line, like {\"cmd\": \"stats\"}") from None
     if not isinstance(value, dict) or not isinstance(value.get("cmd"), str):
         raise ControlError('expected a JSON object with a "cmd" string, like {"cmd": "stats"}')
@@ -103,6 +107,30 @@ def default_path(port: int) -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     base = os.path.join(runtime, "simplerpc-mp") if runtime and os.path.isdir(runtime) else os.path.expanduser("~/.simplerpc-mp")
     return os.path.join(base, f"control-{port}.sock")
+
+
+def default_paths(port: int) -> list[str]:
+    """Where a server on ``port`` may have put its default socket, ``default_path`` first: the
+    server's environment may differ from the CLI's (a service or cron job without
+    $XDG_RUNTIME_DIR puts it in the home directory; a login shell has it set), so the CLI looks
+    in each. The systemd runtime directory of this user is tried when $XDG_RUNTIME_DIR is unset."""
+    paths = [default_path(port)]
+    for base in (os.path.expanduser("~/.simplerpc-mp"), f"/run/user/{os.getuid()}/simplerpc-mp"):
+        path = os.path.join(base, f"control-{port}.sock")
+        if path not in paths:
+            paths.append(path)
+    return paths
+
+
+def find_default(port: int) -> str:
+    """The first of ``default_paths`` where a socket exists, else ``default_path``."""
+    for path in default_paths(port):
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return path
+        except OSError:
+            continue
+    return default_path(port)
 
 
 def control_path(setting: str, port: int) -> str:
@@ -213,7 +241,7 @@ class ControlServer:
 
 
 class ControlConnection:
-    __slots__ = ("server", "sock", "protocol", "wbuf", "events", "closing", "write_timer")
+    __slots__ = ("server", "sock", "protocol", "wbuf", "events", "closing", "write_timer", "pending")
 
     def __init__(self, server: ControlServer, sock: socket.socket):
         self.server = server
@@ -224,12 +252,16 @@ class ControlConnection:
         self.events = READ
         self.closing = False  # answered an error: close once it is sent
         self.write_timer = None
+        self.pending: deque[dict] = deque()  # requests read and not served yet (one per loop pass)
         server.selector.register(sock, READ, self)
 
     def on_event(self, mask: int) -> None:
         if mask & WRITE:
-            self._send()
-        if mask & READ and self.sock.fileno() >= 0 and not self.closing:
+            if self.wbuf:
+                self._send()
+            else:
+                self._serve_one()
+        elif mask & READ and self.sock.fileno() >= 0 and not self.closing:
             self._read()
 
     def _read(self) -> None:
@@ -249,21 +281,29 @@ class ControlConnection:
             self.closing = True
             self._send()
             return
-        if len(requests) > MAX_REQUESTS_PER_READ:
+        if len(self.pending) + len(requests) > MAX_REQUESTS_PER_READ:
             log.warning("control socket: a client sent more than %d requests at once; dropped", MAX_REQUESTS_PER_READ)
+            self.pending.clear()
             self._answer({"ok": False, "error": f"more than {MAX_REQUESTS_PER_READ} requests at once"})
             self.closing = True
-        else:
-            for message in requests:
-                try:
-                    answer = self.server.handle(message)
-                except ControlError as exc:
-                    answer = {"ok": False, "error": str(exc)}
-                self._answer(answer)
-                if len(self.wbuf) > MAX_OUTPUT_BYTES:
-                    log.warning("control socket: a client does not read its answers (%d bytes held); dropped", len(self.wbuf))
-                    self.close()
-                    return
+            self._send()
+            return
+        self.pending.extend(requests)
+        self._serve_one()
+
+    def _serve_one(self) -> None:
+        """Answer the oldest waiting request (the others wait for the next loop pass)."""
+        if self.pending and not self.closing:
+            message = self.pending.popleft()
+            try:
+                answer = self.server.handle(message)
+            except ControlError as exc:
+                answer = {"ok": False, "error": str(exc)}
+            self._answer(answer)
+            if len(self.wbuf) > MAX_OUTPUT_BYTES:
+                log.warning("control socket: a client does not read its answers (%d bytes held); dropped", len(self.wbuf))
+                self.close()
+                return
         self._send()
 
     def _answer(self, message: dict) -> None:
@@ -282,7 +322,7 @@ class ControlConnection:
                 return
             del self.wbuf[:sent]
         if self.wbuf:
-            self._set_events(READ | WRITE if not self.closing else WRITE)
+            self._set_events(WRITE)  # nothing more is read until the answer is out
             if self.write_timer is None:
                 self.write_timer = self.server.timers.call_later(WRITE_TIMEOUT_S, self._write_timed_out)
             return
@@ -291,6 +331,8 @@ class ControlConnection:
             self.write_timer = None
         if self.closing:
             self.close()
+        elif self.pending:
+            self._set_events(WRITE)  # writable at once: the next request is served next loop pass
         else:
             self._set_events(READ)
 

@@ -10,7 +10,7 @@ import time
 
 from rich import box
 from rich.console import Group
-from rich.markup import escape
+from rich.markup import escape as _escape_markup
 from rich.table import Table
 from rich.text import Text
 
@@ -19,6 +19,16 @@ __all__ = ["stats_tables", "top_frame", "Rates", "console"]
 TOP_OPS = 10  # ops shown by top, busiest first
 # Output that is not a terminal (a script, a pipe) is not cut to 80 columns.
 PIPE_WIDTH = 200
+
+
+# Control characters (C0, DEL, C1) of strings a client or another node chose (an op name, a FAIL
+# reason, a node's name) shown as "?": rich strips only a few, so an ESC reached the terminal.
+_CONTROL = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)], "?")
+
+
+def escape(text: str) -> str:
+    """``text`` for a rich cell: its markup escaped, its control characters replaced."""
+    return _escape_markup(text.translate(_CONTROL))
 
 
 def console():

@@ -216,6 +216,7 @@ class Gatekeeper:
         """Answer FAIL and close after it; a refused credential's answer is held back a second
         (a timer: the loop goes on serving everyone else)."""
         self.auth_failures += 1
+        conn.gate.refused = True
         self.log_limit.log(
             log, "auth failed", logging.WARNING, "authentication failed from %s (net_id %s): %s: %s",
             conn.peer, conn.net_id, reason, message,
@@ -248,6 +249,9 @@ class Gatekeeper:
 
     def _auth_timed_out(self, conn: Connection) -> None:
         if conn.state != CLOSED and conn.gate is not None:
+            if conn.gate.refused:  # (its refusal, held back a second or unread, was counted then)
+                self.close(conn, f"refused, and auth_timeout ({self.settings.auth_timeout:g}s) passed", counted_as="unauthorized")
+                return
             self.auth_failures += 1
             self.close(conn, f"not authenticated within {self.settings.auth_timeout:g}s (auth_timeout) from {conn.peer}",
                        logging.INFO, kind="auth_timeout")

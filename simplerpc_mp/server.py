@@ -183,7 +183,7 @@ class Server:
         acceptor = self.acceptor
         self.stats_providers.setdefault("security", lambda: {
             "tls": acceptor.tls_context is not None, "auth": acceptor.tokens is not None or acceptor.has_auth_fn,
-            "auth_failures": acceptor.auth_failures, "tls_failures": acceptor.tls_failures,
+            "tls_failures": acceptor.tls_failures,  # (auth_failures: a key of the snapshot itself)
         })
         if self.cluster is not None:
             self.stats_providers.setdefault("cluster", self.cluster.stats)

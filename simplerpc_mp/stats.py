@@ -161,6 +161,7 @@ def build_snapshot(server, sampler: ProcessSampler, providers: dict | None = Non
         "connections": len(conns),
         "connections_gated": len(getattr(acceptor, "gated", ())),  # in their TLS handshake or auth
         "connections_accepted_total": acceptor.accepted_total,
+        "auth_failures": acceptor.auth_failures,  # refused credentials and auth_timeouts (auth on)
         "inflight": inflight,
         "rpcs_total": sum(op["count"] for op in ops.values()),
         "pushes_total": acceptor.pushes_total,

@@ -548,6 +548,7 @@ def test_a_heartbeat_key_that_is_not_a_node_s_is_left_out_of_stats(redis_server)
 
     redis_server.command("SET", "simplerpc-mp:node:odd", "token 5")  # JSON, but not an object
     redis_server.command("SET", "simplerpc-mp:node:odder", "token [1, 2]")
+    redis_server.command("SET", "simplerpc-mp:node:deep", "token " + "[" * 100000)  # deeper than the parser's stack
     server = Server("127.0.0.1", 0, HANDLERS, workers=1, spare_workers=0, cluster=redis_server.url,
                     node_name="here", cluster_node_ttl=0.6)
     with ServerThread(server):

@@ -69,7 +69,8 @@ def test_control_protocol_splits_lines_and_refuses_garbage():
     protocol = ControlProtocol(max_request_bytes=64)
     assert protocol.feed(b'{"cmd": "st') == []
     assert protocol.feed(b'ats"}\n{"cmd": "reload"}\n') == [{"cmd": "stats"}, {"cmd": "reload"}]
-    for bad in (b"garbage\n", b"[1, 2]\n", b'{"cmd": 3}\n', b"\xff\xfe\n"):
+    for bad in (b"garbage\n", b"[1, 2]\n", b'{"cmd": 3}\n', b"\xff\xfe\n", b"[" * 16000 + b"\n",
+                b'{"cmd": "stats", "x": ' + b"[" * 16000 + b"\n"):
         with pytest.raises(ControlError):
             ControlProtocol().feed(bad)
     with pytest.raises(ControlError, match="longer than 64"):
@@ -104,6 +105,44 @@ def test_counters_per_op_per_reason_and_percentiles():
 
 
 # -- the control socket ------------------------------------------------------------------------
+
+def test_control_requests_from_one_write_are_served_one_per_loop_pass(runtime_dir):
+    """64 stats in one write built 64 snapshots in one pass of the loop (milliseconds each with
+    many workers): now one per pass, and the socket is not read while an answer is unsent."""
+    import selectors
+
+    from simplerpc_mp.control import ControlServer
+    from simplerpc_mp.timers import Timers
+
+    served = []
+    selector = selectors.DefaultSelector()
+    path = os.path.join(runtime_dir, "c.sock")
+    server = ControlServer(path, selector, Timers(), lambda message: served.append(message) or {"ok": True},
+                           private_dir=False)
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)
+            client.sendall(b'{"cmd": "stats"}\n' * 10)
+            passes = []
+            answers = b""
+            client.settimeout(10)
+            while answers.count(b"\n") < 10:
+                before = len(served)
+                for key, mask in selector.select(10):
+                    key.data.on_event(mask)
+                passes.append(len(served) - before)
+                client.setblocking(False)
+                try:
+                    answers += client.recv(65536)
+                except BlockingIOError:
+                    pass
+                assert len(passes) < 1000, passes
+            assert max(passes) == 1 and len(served) == 10, passes
+    finally:
+        server.close()
+        selector.close()
+
+
 
 def test_stats_json_has_every_key_and_names_the_stuck_op(obs_server, runtime_dir):
     server = obs_server()
@@ -192,6 +231,13 @@ def test_control_socket_refuses_garbage_huge_requests_and_non_readers_without_ha
             answer = sock.makefile("rb").readline()
             assert json.loads(answer)["ok"] is False
             assert sock.recv(10) == b""
+        # JSON nested deeper than the parser's recursion limit: refused like any garbage
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            sock.sendall(b"[" * 16000 + b"\n")
+            assert json.loads(sock.makefile("rb").readline())["ok"] is False
+        assert client.call("echo", {"after": "nesting"}) == {"after": "nesting"}
         # a huge request without a newline is cut off at the limit
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(10)
@@ -218,7 +264,8 @@ def test_control_socket_refuses_garbage_huge_requests_and_non_readers_without_ha
                     assert client.call("echo", {"ok": 1}) == {"ok": 1}
             except (BlockingIOError, BrokenPipeError, ConnectionResetError):
                 pass  # the server stopped reading it, or dropped it
-        server.wait_log("control socket: a client does not read its answers", 30)
+            # (the server reads nothing more while an answer waits: it is dropped at the write timeout)
+            server.wait_log("control socket: a client (does not read its answers|left an answer unread)", 30)
         assert client.call("echo", {"still": True}) == {"still": True}
     assert snapshot(server)["ops"]["echo"]["count"] >= 2
 
@@ -242,6 +289,20 @@ def test_control_socket_off_and_found_through_config(obs_server, runtime_dir, tm
     config.write_text(f'control_socket = "{explicit}"\n')
     snap = json.loads(cli("stats", "--json", "--config", str(config), runtime_dir=runtime_dir).stdout)
     assert snap["pid"] == other.pid
+
+
+def test_the_cli_finds_a_server_that_ran_without_xdg_runtime_dir(obs_server, runtime_dir):
+    """A server run without $XDG_RUNTIME_DIR (a service, cron) has its socket in the home
+    directory; a login shell has the variable set: the CLI looked only there, "no server"."""
+    home = os.path.join(runtime_dir, "home")
+    os.mkdir(home)
+    server = obs_server(env={"XDG_RUNTIME_DIR": "", "HOME": home})
+    assert os.path.exists(os.path.join(home, ".simplerpc-mp", f"control-{server.port}.sock"))
+    env = {**os.environ, "XDG_RUNTIME_DIR": runtime_dir, "HOME": home}
+    result = subprocess.run([sys.executable, "-m", "simplerpc_mp", "stats", "--json", "--port", str(server.port)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["pid"] == server.pid
 
 
 def test_scale_then_stats_shows_one_more_worker(obs_server, runtime_dir):
@@ -393,6 +454,36 @@ def test_metrics_parse_and_carry_every_name_and_count(metrics_server):
     assert len(rss) == 2 and all(v > 0 for v in rss)
 
 
+def test_refused_authentications_show_in_stats_and_metrics(metrics_server, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:s3cret-token-for-tests\n")
+    os.chmod(tokens, 0o600)
+    server = metrics_server("--auth-tokens-file", str(tokens))
+    for _ in range(2):
+        with socket.create_connection((server.host, server.port)) as guesser:
+            guesser.settimeout(30)
+            guesser.sendall(b'auth{"token":"wrong"}\n')
+            assert b"Unauthorized" in guesser.makefile("rb").readline()
+    assert snapshot(server)["auth_failures"] == 2
+    assert samples(scrape(server.metrics_port))[("simplerpc_auth_failures_total", frozenset())] == 2
+
+
+def test_a_refusal_overtaken_by_auth_timeout_is_one_auth_failure(obs_server, tmp_path):
+    """A wrong token's answer is held back a second; an auth_timeout shorter than that closed the
+    connection first and counted the same failure a second time."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:s3cret-token-for-tests\n")
+    os.chmod(tokens, 0o600)
+    server = obs_server("--auth-tokens-file", str(tokens), "--auth-timeout", "0.5")
+    with socket.create_connection((server.host, server.port)) as guesser:
+        guesser.settimeout(30)
+        guesser.sendall(b'auth{"token":"wrong"}\n')
+        guesser.makefile("rb").readline()  # the FAIL, or the close at auth_timeout
+        snap = wait_until(lambda: (s := snapshot(server)) and sum(s["closed"].values()) and s, 30, 0.05,
+                          "the close counted")
+    assert snap["auth_failures"] == 1, snap["closed"]
+
+
 def test_kill_9_shows_in_worker_restarts_total(metrics_server):
     server = metrics_server()
     victim = snapshot(server)["workers"][1]["pid"]
@@ -410,12 +501,64 @@ def test_ten_thousand_unknown_op_names_leave_the_metrics_bounded(metrics_server)
         sock.sendall(b"".join(b"made_up_%d{}\n" % i for i in range(names)))
         answers = [reader.readline() for _ in range(names + 1)]  # the welcome push, then every answer
         assert sum(a.startswith(b"FAIL") for a in answers) == names
-    after = scrape(server.metrics_port)
+    key = ("simplerpc_rpcs_total", frozenset({("op", "<other>"), ("result", "UnknownOpcode")}))
+    # (a scrape within a second of the last one gets the same text: wait for a fresh one)
+    after = wait_until(lambda: (text := scrape(server.metrics_port)) and samples(text).get(key) == names and text,
+                       30, 0.2, "a scrape with every answer counted")
     assert b"made_up" not in after.encode()
     assert len(after) < len(before) + 2000  # the same series, with other numbers
     other = samples(after)[("simplerpc_rpcs_total", frozenset({("op", "<other>"), ("result", "UnknownOpcode")}))]
     assert other == names
     assert not [op for op in snapshot(server)["ops"] if op.startswith("made_up")]
+
+
+def test_scrapes_within_a_second_share_one_build():
+    """A build takes ~10 ms with 64 workers: scrapers in a tight loop, or 64 at once, held the
+    loop for a build each. Now at most one per MIN_BUILD_INTERVAL_S (a clock the test drives)."""
+    import selectors
+
+    from prometheus_client.core import GaugeMetricFamily
+
+    from simplerpc_mp.metrics import MIN_BUILD_INTERVAL_S, MetricsServer
+    from simplerpc_mp.timers import Timers
+
+    class Counting:
+        builds = 0
+
+        def collect(self):
+            Counting.builds += 1
+            yield GaugeMetricFamily("simplerpc_builds", "Builds.", value=Counting.builds)
+
+    now = [100.0]
+    selector = selectors.DefaultSelector()
+    server = MetricsServer("127.0.0.1", 0, selector, Timers(), Counting(), clock=lambda: now[0])
+
+    def get() -> bytes:
+        with socket.create_connection(server.address) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+            data = b""
+            for _ in range(1000):
+                for key, mask in selector.select(10):
+                    key.data.on_event(mask)
+                try:
+                    chunk = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    return data
+                data += chunk
+            raise AssertionError("no answer")
+
+    try:
+        answers = [get() for _ in range(5)]
+        assert Counting.builds == 1 and all(b"simplerpc_builds 1.0" in a for a in answers)
+        now[0] += MIN_BUILD_INTERVAL_S
+        assert b"simplerpc_builds 2.0" in get() and Counting.builds == 2
+    finally:
+        server.close()
+        selector.close()
 
 
 def test_a_hostile_scraper_does_not_stall_the_loop(metrics_server):
@@ -502,6 +645,27 @@ def test_top_frame_stays_readable_with_64_workers():
     assert all(str(1000 + i) in text for i in range(8, 65, 8))
 
 
+def test_top_and_stats_show_no_control_characters_a_client_chose():
+    """An op name is the bytes a client sent before "{": an ESC in it reached the operator's
+    terminal through top and stats (rich strips only BEL, BS, VT, FF and CR)."""
+    from rich.console import Console
+
+    from simplerpc_mp.dashboard import Rates, stats_tables, top_frame
+
+    evil = "x\x1b]0;pwned\x07\x1b[2J\x9b"
+    snap = {"version": "t", "pid": 1, "uptime_s": 1.0, "connections": 1, "inflight": 1, "rpcs_total": 1,
+            "pushes_total": 0, "pushes_dropped": 0, "output_buffer_bytes": 0,
+            "workers": [{"worker_id": 1, "pid": 2, "state": "busy", "op": evil, "net_id": 3, "running_s": 1.0,
+                         "rpcs": 1, "cpu_percent": 1.0, "rss_bytes": 1, "age_s": 1.0}],
+            "ops": {"echo": {"count": 1, "fail": 1, "p50_ms": 1.0, "p99_ms": 1.0, "fails": {evil: 1}}},
+            "restarts": {"crashed": 0}, "closed": {evil: 1}, "recent_restarts": [], "cluster": {evil: evil}}
+    for view in (top_frame(snap, Rates().update(snap), height=40), stats_tables(snap)):
+        console = Console(width=200, record=True, force_terminal=False)
+        console.print(view)
+        text = console.export_text()
+        assert "x?]0;pwned??[2J?" in text and not any(ord(c) < 0x20 and c != "\n" or 0x7F <= ord(c) < 0xA0 for c in text)
+
+
 def test_closed_counts_by_reason(obs_server):
     server = obs_server("--idle-timeout", "0.3", "--max-connections", "1")
     with socket.create_connection((server.host, server.port)) as first:
@@ -514,6 +678,21 @@ def test_closed_counts_by_reason(obs_server):
             pass
     closed = wait_until(lambda: (c := snapshot(server)["closed"])["idle_timeout"] == 1 and c, 30, 0.05, "the idle close")
     assert closed["max_connections"] == 1 and closed["output_hard_limit"] == 0
+
+
+def test_a_refused_authentication_counts_as_unauthorized_not_client_closed(obs_server, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:s3cret-token-for-tests\n")
+    os.chmod(tokens, 0o600)
+    server = obs_server("--auth-tokens-file", str(tokens))
+    with socket.create_connection((server.host, server.port)) as guesser:
+        guesser.settimeout(30)
+        guesser.sendall(b'auth{"token":"wrong"}\n')
+        assert b"Unauthorized" in guesser.makefile("rb").readline()
+        assert guesser.recv(10) == b""  # the server closed it after the FAIL
+    closed = wait_until(lambda: (c := snapshot(server)["closed"]) and sum(c.values()) and c, 30, 0.05,
+                        "the close counted")
+    assert closed.get("unauthorized") == 1 and closed["client_closed"] == 0, closed
 
 
 def test_rooms_are_a_section_of_stats_and_metrics(start_server, runtime_dir):
@@ -558,15 +737,14 @@ def test_refused_authentications_are_counted_in_stats_and_metrics(obs_server, tm
     tokens.chmod(0o600)
     port = _free_port()
     server = obs_server("--auth-tokens-file", str(tokens), "--metrics-port", str(port))
-    assert snapshot(server)["security"] == {"tls": False, "auth": True, "auth_failures": 0, "tls_failures": 0}
+    assert snapshot(server)["security"] == {"tls": False, "auth": True, "tls_failures": 0}
     for frame in (b'auth{"token": "wrong"}\n', b"echo{}\n"):  # a wrong token, a frame before auth
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
             sock.sendall(frame)
             answer = sock.makefile("rb").readline()
             assert answer.startswith(b"FAIL") and b"Unauthorized" in answer
-    security = wait_until(lambda: (s := snapshot(server)["security"])["auth_failures"] == 2 and s, 30, 0.05,
-                          "both refusals counted")
+    stats = wait_until(lambda: (s := snapshot(server))["auth_failures"] == 2 and s, 30, 0.05, "both refusals counted")
     assert "right-token" not in json.dumps(snapshot(server))  # a token never reaches stats
     values = samples(scrape(port))
-    assert values[("simplerpc_auth_failures_total", frozenset())] == security["auth_failures"]
+    assert values[("simplerpc_auth_failures_total", frozenset())] == stats["auth_failures"]
     assert values[("simplerpc_tls_handshake_failures_total", frozenset())] == 0

@@ -328,8 +328,10 @@ def test_frames_pipelined_behind_a_good_auth_frame_run_after_it(request, server_
     assert answers == [b'OKAY{"n":%d}' % n for n in range(3)]
 
 
-@pytest.mark.parametrize("first", [b'auth{"token":"wrong"}\n', b"auth{}\n", b'echo{"x":1}\n', b"auth\n", b"a" * 16385],
-                         ids=["wrong token", "no token", "frame before auth", "auth without data", "no line end in 16 KiB"])
+@pytest.mark.parametrize("first", [b'auth{"token":"wrong"}\n', b"auth{}\n", b'echo{"x":1}\n', b"auth\n", b"a" * 16385,
+                                   b'auth{"token":' + b"[" * 16000 + b"\n"],
+                         ids=["wrong token", "no token", "frame before auth", "auth without data", "no line end in 16 KiB",
+                              "JSON nested deeper than the parser's recursion limit"])
 def test_a_bad_or_missing_token_gets_unauthorized_and_the_connection_is_closed(token_server, first):
     with raw(token_server) as sock:
         sock.sendall(first + b'echo{"x":2}\n')
