@@ -840,7 +840,8 @@ class Acceptor(Gatekeeper, Fanout):
     def stop_reading(self) -> None:
         """Take no new RPCs from any connection (graceful stop)."""
         self.reading = False
-        for conn in list(self.conns.values()):
+        # The gated too: an auth frame read now would admit a connection (and run on_connect).
+        for conn in [*self.conns.values(), *self.gated.values()]:
             if conn.state == OPEN:
                 self._set_events(conn, conn.events & ~READ)
 

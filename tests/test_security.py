@@ -678,3 +678,27 @@ def test_check_validates_the_files_one_line_per_problem(pki, tmp_path):
     assert "readable by every user" in done.stderr and "open-tokens" in done.stderr
     assert "# tls: on" in done.stdout and "# auth: 1 tokens" in done.stdout
     assert GOOD_TOKEN not in done.stdout + done.stderr
+
+
+def test_a_graceful_stop_reads_no_auth_frame_from_a_gated_connection(fresh_servers, pki, tmp_path):
+    """TERM stops reading every connection, those at the gate too: an auth frame sent after it
+    admits no one (no OKAY, no on_connect); the connection is closed at the stop."""
+    from simplerpc_mp import control
+
+    sock_path = str(tmp_path / "control.sock")
+    server = fresh_servers.start("--handlers", "tests.handlers.sec_ops", "--auth-tokens-file", pki.tokens,
+                                 "--control-socket", sock_path)
+    until = tmp_path / "go"
+    auth = b'auth{"token":"%s"}\n' % GOOD_TOKEN.encode()
+    with raw(server) as busy, raw(server) as gated:
+        busy.sendall(auth + b'hold{"until":"%s"}\n' % str(until).encode())
+        assert read_lines(busy, 2)[0].startswith(b"OKAY")  # authenticated, welcome pushed; hold runs
+        server.send(signal.SIGTERM)
+        server.wait_log("stopping gracefully")
+        gated.sendall(auth)
+        # A round trip through the same loop: it has seen the auth frame's bytes by the time this answers.
+        assert control.request(sock_path, {"cmd": "stats"})["ok"]
+        until.touch()
+        assert read_lines(busy, 1) == [b'OKAY{"held":0}']
+        assert closed_by_server(gated) == b""
+    assert server.stop() == 0
