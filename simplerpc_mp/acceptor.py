@@ -862,6 +862,12 @@ class Acceptor(Gatekeeper, Fanout):
                 self.complete(conn, conn.write_seq, fail, 1)
                 count += 1
             conn.queue.clear()
+        for conn in list(self.gated.values()):
+            # An auth frame an AUTH job (on_auth) still decides: it is RPC 0, answered like any other.
+            if conn.gate is not None and conn.gate.taken and not conn.gate.refused and conn.write_seq == 0:
+                self._write_verdict(conn, fail)
+                conn.queue.clear()
+                count += 1
         self.scheduler.clear()
         return count
 

@@ -702,3 +702,20 @@ def test_a_graceful_stop_reads_no_auth_frame_from_a_gated_connection(fresh_serve
         assert read_lines(busy, 1) == [b'OKAY{"held":0}']
         assert closed_by_server(gated) == b""
     assert server.stop() == 0
+
+
+def test_an_auth_frame_still_being_checked_at_stop_now_gets_shutting_down(fresh_servers, tmp_path):
+    """QUIT while on_auth runs: the auth frame (RPC 0) gets FAIL ShuttingDown, as every RPC
+    without an answer does, before the connection closes."""
+    from simplerpc_mp import control
+
+    sock_path = str(tmp_path / "control.sock")
+    server = fresh_servers.start("--handlers", "tests.handlers.sec_auth", "--control-socket", sock_path)
+    with raw(server) as sock:
+        sock.sendall(b'auth{"user":"bob","password":"builder","until":"%s"}\n' % str(tmp_path / "never").encode())
+        wait_until(lambda: any(w.get("op") == "auth" for w in control.request(sock_path, {"cmd": "stats"})["stats"]["workers"]),
+                   what="on_auth running")
+        server.send(signal.SIGQUIT)
+        answer = closed_by_server(sock)
+    assert answer.startswith(b"FAIL") and json.loads(answer[4:])["reason"] == "ShuttingDown", answer
+    server.stop()
