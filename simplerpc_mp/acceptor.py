@@ -840,7 +840,8 @@ class Acceptor(Gatekeeper, Fanout):
     def stop_reading(self) -> None:
         """Take no new RPCs from any connection (graceful stop)."""
         self.reading = False
-        for conn in list(self.conns.values()):
+        # The gated too: an auth frame read now would admit a connection (and run on_connect).
+        for conn in [*self.conns.values(), *self.gated.values()]:
             if conn.state == OPEN:
                 self._set_events(conn, conn.events & ~READ)
 
@@ -861,6 +862,12 @@ class Acceptor(Gatekeeper, Fanout):
                 self.complete(conn, conn.write_seq, fail, 1)
                 count += 1
             conn.queue.clear()
+        for conn in list(self.gated.values()):
+            # An auth frame an AUTH job (on_auth) still decides: it is RPC 0, answered like any other.
+            if conn.gate is not None and conn.gate.taken and not conn.gate.refused and conn.write_seq == 0:
+                self._write_verdict(conn, fail)
+                conn.queue.clear()
+                count += 1
         self.scheduler.clear()
         return count
 

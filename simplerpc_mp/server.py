@@ -477,7 +477,7 @@ class Server:
         acceptor = self.acceptor
         acceptor.flush()
         deadline = time.monotonic() + FINAL_FLUSH_S
-        pending = [c for c in acceptor.conns.values() if c.wbuf]
+        pending = [c for c in [*acceptor.conns.values(), *acceptor.gated.values()] if c.wbuf]  # (the gated: a verdict)
         while pending and time.monotonic() < deadline:
             with selectors.DefaultSelector() as waiter:
                 for conn in pending:

@@ -678,3 +678,44 @@ def test_check_validates_the_files_one_line_per_problem(pki, tmp_path):
     assert "readable by every user" in done.stderr and "open-tokens" in done.stderr
     assert "# tls: on" in done.stdout and "# auth: 1 tokens" in done.stdout
     assert GOOD_TOKEN not in done.stdout + done.stderr
+
+
+def test_a_graceful_stop_reads_no_auth_frame_from_a_gated_connection(fresh_servers, pki, tmp_path):
+    """TERM stops reading every connection, those at the gate too: an auth frame sent after it
+    admits no one (no OKAY, no on_connect); the connection is closed at the stop."""
+    from simplerpc_mp import control
+
+    sock_path = str(tmp_path / "control.sock")
+    server = fresh_servers.start("--handlers", "tests.handlers.sec_ops", "--auth-tokens-file", pki.tokens,
+                                 "--control-socket", sock_path)
+    until = tmp_path / "go"
+    auth = b'auth{"token":"%s"}\n' % GOOD_TOKEN.encode()
+    with raw(server) as busy, raw(server) as gated:
+        busy.sendall(auth + b'hold{"until":"%s"}\n' % str(until).encode())
+        assert read_lines(busy, 2)[0].startswith(b"OKAY")  # authenticated, welcome pushed; hold runs
+        server.send(signal.SIGTERM)
+        server.wait_log("stopping gracefully")
+        gated.sendall(auth)
+        # A round trip through the same loop: it has seen the auth frame's bytes by the time this answers.
+        assert control.request(sock_path, {"cmd": "stats"})["ok"]
+        until.touch()
+        assert read_lines(busy, 1) == [b'OKAY{"held":0}']
+        assert closed_by_server(gated) == b""
+    assert server.stop() == 0
+
+
+def test_an_auth_frame_still_being_checked_at_stop_now_gets_shutting_down(fresh_servers, tmp_path):
+    """QUIT while on_auth runs: the auth frame (RPC 0) gets FAIL ShuttingDown, as every RPC
+    without an answer does, before the connection closes."""
+    from simplerpc_mp import control
+
+    sock_path = str(tmp_path / "control.sock")
+    server = fresh_servers.start("--handlers", "tests.handlers.sec_auth", "--control-socket", sock_path)
+    with raw(server) as sock:
+        sock.sendall(b'auth{"user":"bob","password":"builder","until":"%s"}\n' % str(tmp_path / "never").encode())
+        wait_until(lambda: any(w.get("op") == "auth" for w in control.request(sock_path, {"cmd": "stats"})["stats"]["workers"]),
+                   what="on_auth running")
+        server.send(signal.SIGQUIT)
+        answer = closed_by_server(sock)
+    assert answer.startswith(b"FAIL") and json.loads(answer[4:])["reason"] == "ShuttingDown", answer
+    server.stop()

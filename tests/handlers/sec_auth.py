@@ -20,6 +20,13 @@ def check_password(conn, data):
         for _ in range(int(data["nest"])):
             identity = [identity]
         return identity
+    if "until" in data:  # a slow check: runs until the file named by data["until"] exists
+        import os
+        import time
+
+        deadline = time.monotonic() + 30
+        while not os.path.exists(data["until"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
     user = data.get("user")
     if user not in USERS or USERS[user] != data.get("password"):  # (auth{} is no user None)
         conn.rpc("leak", {"should": "never arrive"})  # pushes from on_auth are dropped
