@@ -56,6 +56,7 @@ import time
 import hiredis
 
 from .broker import CONNECTING, DOWN, UP, RedisLink, parse_url
+from .protocol import loads_untrusted
 from .rooms import check_room
 from .supervisor import FatalError
 
@@ -462,8 +463,8 @@ class Cluster:
                 continue  # expired between SCAN and MGET
             _, _, info = value.partition(b" ")
             try:
-                info = json.loads(info)
-            except (ValueError, RecursionError):  # (RecursionError: nested deeper than the parser's stack)
+                info = loads_untrusted(info)
+            except ValueError:
                 continue
             if isinstance(info, dict):  # (anyone who can write to the Redis can put anything there)
                 nodes[key[prefix:].decode("utf-8", "replace")] = info

@@ -35,6 +35,8 @@ import socket
 import stat
 from collections import deque
 
+from .protocol import loads_untrusted
+
 __all__ = [
     "ControlProtocol", "ControlError", "ControlServer", "default_path", "default_paths", "find_default", "control_path",
     "request",
@@ -87,8 +89,8 @@ class ControlProtocol:
 
 def parse_request(line: bytes) -> dict:
     try:
-        value = json.loads(line)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # (RecursionError: "[[[[..." nested deeper than the stack)
+        value = loads_untrusted(line)
+    except ValueError:  # (UnicodeDecodeError and too deep nesting included)
         raise ControlError("not a JSON object; expected one per line, like {\"cmd\": \"stats\"}") from None
     if not isinstance(value, dict) or not isinstance(value.get("cmd"), str):
         raise ControlError('expected a JSON object with a "cmd" string, like {"cmd": "stats"}')

@@ -32,7 +32,7 @@ import socket
 from . import auth, ipc
 from .acceptor import CLOSED, EOF, OPEN, READ, WRITE, Connection, Job
 from .errors import Unauthorized
-from .protocol import encode_fail, encode_okay
+from .protocol import encode_fail, encode_okay, loads_untrusted
 
 log = logging.getLogger("simplerpc_mp.acceptor")
 
@@ -164,8 +164,8 @@ class Gatekeeper:
             self._refuse_auth(conn, 'authenticate first: the first frame must be auth{"token": "..."}', delay=False)
             return
         try:
-            data = json.loads(brace + body)
-        except (ValueError, RecursionError):  # (a few KiB of "[" nest past the recursion limit)
+            data = loads_untrusted(brace + body)
+        except ValueError:
             data = None
         if not isinstance(data, dict):
             self._refuse_auth(conn, "the auth frame's data is not a JSON object")

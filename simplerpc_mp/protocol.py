@@ -56,6 +56,7 @@ __all__ = [
     "encode_fail",
     "encode_okay",
     "split_lines",
+    "loads_untrusted",
     "DEFAULT_MAX_FRAME_BYTES",
     "JSON_CODEC",
     "JSON_CODEC_ENV",
@@ -147,6 +148,17 @@ def split_lines(chunk: bytes) -> list[bytes]:
     lines = chunk.split(_NL)
     lines.pop()  # the empty string after the final LF
     return lines
+
+
+def loads_untrusted(data: bytes):
+    """``json.loads`` for bytes from outside the server (an auth frame, a control request, a
+    value in Redis): ``ValueError`` for anything that is not JSON, nesting past the parser's
+    recursion limit included. Its RecursionError is not a ValueError: caught as one, a few KiB
+    of "[" sent by anyone ended the acceptor's loop."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested deeper than the parser's recursion limit") from None
 
 
 # -- the standard-library codec ----------------------------------------------------------------
