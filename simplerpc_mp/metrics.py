@@ -300,25 +300,25 @@ class MetricsConnection:
         elif mask & WRITE:
             self._send()
 
-    def _drain(self) -> None:
+    def _recv(self) -> bytes | None:
+        """What the client sent, or None: nothing yet, or it closed or failed (then closed here)."""
         try:
             data = self.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError:
             data = b""
         if not data:
             self.close()
+            return None
+        return data
+
+    def _drain(self) -> None:
+        self._recv()
 
     def _read(self) -> None:
-        try:
-            data = self.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.close()
+        data = self._recv()
+        if data is None:
             return
         self.rbuf += data
         end = self.rbuf.find(b"\r\n\r\n")
